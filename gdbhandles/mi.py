@@ -26,7 +26,9 @@ class MiError(Exception):
     """gdb answered `^error`; the message is gdb's one line (the `log` text is kept)."""
 
     def __init__(self, message: str, log: str = "", console: str = ""):
-        super().__init__(message)
+        lines = [line for line in log.splitlines() if line.strip()]
+        detail = lines[-2] if len(lines) > 1 and lines[-1].strip() == message.strip() else ""
+        super().__init__(f"{message} ({detail.strip()})" if detail else message)
         self.message = message
         self.log = log
         self.console = console
