@@ -1,0 +1,195 @@
+"""_HANDLE_TABLE: level arithmetic, bounded iteration and lookup (as ExpLookupHandleTableEntry).
+
+A handle value's low 2 bits are tags and ignored; index = value / 4. Low-level pages hold
+256 16-byte entries, mid- and top-level pages 512 pointers; `TableCode & 3` is the number
+of levels above the entries. Values at or beyond NextHandleNeedingPool do not exist, and
+the first entry of each low-level page is never a handle.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from gdbhandles.errors import CorruptTable, HandleError
+from gdbhandles.kernel import Kernel
+from gdbhandles.records import TableStep
+
+ENTRY_SIZE = 16
+LOW_COUNT = 4096 // ENTRY_SIZE          # entries per low-level page
+MID_COUNT = 4096 // 8                   # pointers per mid/top-level page
+HANDLE_STEP = 4
+MAX_HANDLE_VALUE = 1 << 26              # Windows allows 2^24 handles per table
+PROTECT_CLOSE_BIT = 0x2000000           # Win7: ObpAccessProtectCloseBit in GrantedAccess
+ATTRIBUTE_PROTECT_CLOSE = 1
+MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Entry:
+    handle: int
+    address: int
+    header: int | None                  # None: no object (free or never used)
+    granted_access: int
+    attributes: int
+    empty: bool                         # both qwords zero: never handed out
+
+
+@dataclass
+class Problem:
+    """Something a walk could not read; it goes on after reporting it."""
+    message: str
+    handle: int | None = None
+
+
+class EntryFormat:
+    """How a 16-byte _HANDLE_TABLE_ENTRY holds object, access and attributes for this build."""
+
+    def __init__(self, kernel: Kernel):
+        layout = kernel.layout
+        self.pointer_bits = layout.find("_HANDLE_TABLE_ENTRY", "ObjectPointerBits")
+        if self.pointer_bits is not None:
+            self.attributes = layout.field("_HANDLE_TABLE_ENTRY", "Attributes")
+            self.granted = layout.field("_HANDLE_TABLE_ENTRY", "GrantedAccessBits")
+        else:
+            self.object = layout.field("_HANDLE_TABLE_ENTRY", "Object")
+            self.granted = layout.field("_HANDLE_TABLE_ENTRY", "GrantedAccess")
+
+    def decode(self, raw: bytes, offset: int) -> tuple[int | None, int, int]:
+        """(header or None, granted access, attributes) of the entry at raw[offset:]."""
+        if self.pointer_bits is not None:
+            bits = self.pointer_bits.extract(raw, offset)
+            if not bits:
+                return None, 0, 0
+            top = 1 << (self.pointer_bits.bit_length - 1)
+            header = (((bits ^ top) - top) << 4) & MASK64
+            return header, self.granted.extract(raw, offset), self.attributes.extract(raw, offset)
+        value = self.object.extract(raw, offset)
+        if not value:
+            return None, 0, 0
+        granted = self.granted.extract(raw, offset)
+        attributes = (value & 6) | (ATTRIBUTE_PROTECT_CLOSE if granted & PROTECT_CLOSE_BIT else 0)
+        return value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes
+
+
+class HandleTable:
+    """One _HANDLE_TABLE; TableCode and NextHandleNeedingPool are read once."""
+
+    def __init__(self, kernel: Kernel, address: int, entry_format: EntryFormat):
+        self.kernel = kernel
+        self.space = kernel.space
+        self.address = address
+        self.format = entry_format
+        layout = kernel.layout
+        code_field = layout.field("_HANDLE_TABLE", "TableCode")
+        bound_field = layout.field("_HANDLE_TABLE", "NextHandleNeedingPool")
+        raw = self.space.read(address, max(code_field.offset + code_field.size,
+                                           bound_field.offset + bound_field.size))
+        self.table_code = code_field.extract(raw)
+        self.next_handle_needing_pool = bound_field.extract(raw)
+        self.levels = self.table_code & 3
+        self.top = self.table_code & ~3
+        if self.levels == 3:
+            raise CorruptTable(f"handle table {address:#x}: TableCode {self.table_code:#x} has 3 levels")
+        if self.next_handle_needing_pool > MAX_HANDLE_VALUE or self.next_handle_needing_pool % HANDLE_STEP:
+            raise CorruptTable(f"handle table {address:#x}: NextHandleNeedingPool "
+                               f"{self.next_handle_needing_pool:#x} is not a handle bound")
+
+    @property
+    def slots(self) -> int:
+        """Entries below NextHandleNeedingPool."""
+        return self.next_handle_needing_pool // HANDLE_STEP
+
+    def _pointers(self, table: int, count: int) -> tuple[int, ...]:
+        return struct.unpack(f"<{count}Q", self.space.read(table, 8 * count))
+
+    def low_pages(self):
+        """Yield (first index, page address or 0, path) of every low-level page in range."""
+        pages = -(-self.slots // LOW_COUNT)
+        if self.levels == 0:
+            if pages:
+                yield 0, self.top, [TableStep(0, self.top, 0)]
+            return
+        if self.levels == 1:
+            for i, page in enumerate(self._pointers(self.top, min(pages, MID_COUNT))):
+                yield i * LOW_COUNT, page, [TableStep(1, self.top, i), TableStep(0, page, 0)]
+            return
+        mids = -(-pages // MID_COUNT)
+        for j, mid in enumerate(self._pointers(self.top, min(mids, MID_COUNT))):
+            count = min(MID_COUNT, pages - j * MID_COUNT)
+            if not mid:
+                for k in range(count):
+                    yield (j * MID_COUNT + k) * LOW_COUNT, 0, [TableStep(2, self.top, j)]
+                continue
+            try:
+                lows = self._pointers(mid, count)
+            except HandleError:
+                yield j * MID_COUNT * LOW_COUNT, None, [TableStep(2, self.top, j), TableStep(1, mid, 0)]
+                continue
+            for k, page in enumerate(lows):
+                yield ((j * MID_COUNT + k) * LOW_COUNT, page,
+                       [TableStep(2, self.top, j), TableStep(1, mid, k), TableStep(0, page, 0)])
+
+    def pages(self):
+        """Yield, per low-level page in range, its Entries (first slot skipped) or one Problem."""
+        for first, page, path in self.low_pages():
+            if page is None:
+                yield [Problem(f"mid-level table {path[-1].address:#x} unreadable", first * HANDLE_STEP)]
+                continue
+            if not page:
+                continue
+            count = min(LOW_COUNT, self.slots - first)
+            try:
+                raw = self.space.read(page, ENTRY_SIZE * count)
+            except HandleError as exc:
+                yield [Problem(f"handle table page {page:#x}: {exc}", first * HANDLE_STEP)]
+                continue
+            entries = []
+            for i in range(1, count):
+                offset = i * ENTRY_SIZE
+                header, granted, attributes = self.format.decode(raw, offset)
+                entries.append(Entry((first + i) * HANDLE_STEP, page + offset, header, granted, attributes,
+                                     not any(raw[offset:offset + ENTRY_SIZE])))
+            yield entries
+
+    def entries(self):
+        """Every in-range Entry or Problem, in handle order."""
+        for page in self.pages():
+            yield from page
+
+    def count(self) -> int:
+        """Entries that hold an object."""
+        return sum(1 for e in self.entries() if isinstance(e, Entry) and e.header is not None)
+
+    def lookup(self, handle: int) -> tuple[str, Entry | None, list[TableStep]]:
+        """(status, entry, path): status valid | free | never_allocated | past_end | first_slot."""
+        value = handle & ~(HANDLE_STEP - 1)
+        index = value // HANDLE_STEP
+        if value >= self.next_handle_needing_pool:
+            return "past_end", None, []
+        path = []
+        page = self.top
+        if self.levels == 2:
+            j, k = index // (LOW_COUNT * MID_COUNT), index // LOW_COUNT % MID_COUNT
+            path.append(TableStep(2, self.top, j))
+            mid = self.space.u64(self.top + 8 * j)
+            if not mid:
+                return "never_allocated", None, path
+            path.append(TableStep(1, mid, k))
+            page = self.space.u64(mid + 8 * k)
+        elif self.levels == 1:
+            i = index // LOW_COUNT
+            path.append(TableStep(1, self.top, i))
+            page = self.space.u64(self.top + 8 * i)
+        if not page:
+            return "never_allocated", None, path
+        path.append(TableStep(0, page, index % LOW_COUNT))
+        address = page + ENTRY_SIZE * (index % LOW_COUNT)
+        if index % LOW_COUNT == 0:
+            return "first_slot", None, path
+        raw = self.space.read(address, ENTRY_SIZE)
+        header, granted, attributes = self.format.decode(raw, 0)
+        entry = Entry(value, address, header, granted, attributes, not any(raw))
+        if header is None:
+            return ("never_allocated" if entry.empty else "free"), entry, path
+        return "valid", entry, path

@@ -1,0 +1,121 @@
+"""Plain records the engine produces and render.py formats.
+
+`HandleRecord.to_json()` is exactly the truth.json handle shape, so tests and scripts
+compare lists directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+HANDLE_KEYS = ("pid", "process", "handle", "object", "type", "name", "granted_access", "attributes")
+
+
+@dataclass
+class ProcessRecord:
+    pid: int
+    name: str
+    eprocess: int
+    dtb: int
+    handle_table: int            # _HANDLE_TABLE address, 0 for an exiting process
+    table_code: int
+    level: int | None            # None when there is no table
+    next_handle_needing_pool: int
+    handle_count: int            # entries in use (counted from the table, not a kernel counter)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class HandleRecord:
+    pid: int
+    process: str
+    handle: int
+    object: int                  # object body address
+    type: str | None
+    name: str | None
+    granted_access: int
+    attributes: int              # 1 ProtectFromClose, 2 Inherit, 4 Audit
+
+    def to_json(self) -> dict:
+        return {key: getattr(self, key) for key in HANDLE_KEYS}
+
+
+@dataclass
+class TableStep:
+    """One table the lookup went through: its level (2 top … 0 entries) and address."""
+    level: int
+    address: int
+    index: int
+
+
+@dataclass
+class LookupRecord:
+    """One handle, decoded with everything a person debugging wants to see."""
+    pid: int
+    process: str
+    handle: int
+    status: str                  # valid | free | never_allocated | past_end | first_slot
+    object: int | None = None
+    header: int | None = None
+    type: str | None = None
+    name: str | None = None
+    granted_access: int = 0
+    attributes: int = 0
+    access_names: list[str] = field(default_factory=list)
+    attribute_names: list[str] = field(default_factory=list)
+    table: int | None = None     # the _HANDLE_TABLE searched
+    levels: int | None = None    # TableCode & 3
+    path: list[TableStep] = field(default_factory=list)
+    entry: int | None = None     # _HANDLE_TABLE_ENTRY address
+    note: str | None = None      # "pseudo-handle: current thread of vCPU 0", "kernel handle"
+
+    def handle_record(self) -> HandleRecord:
+        return HandleRecord(self.pid, self.process, self.handle, self.object, self.type, self.name,
+                            self.granted_access, self.attributes)
+
+    def to_json(self) -> dict:
+        return self.handle_record().to_json()
+
+    def details(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WalkWarning:
+    """A bad entry or unreadable page met during a walk, which went on."""
+    pid: int
+    process: str
+    message: str
+    handle: int | None = None
+
+
+@dataclass
+class ReadStats:
+    reads: int = 0               # read requests by the engine
+    bytes: int = 0               # bytes fetched from the backend
+    round_trips: int = 0         # backend read calls
+    cache_hits: int = 0          # requests served from the cache alone
+
+
+@dataclass
+class InfoRecord:
+    build: int
+    version: str                 # of the profile used
+    guid: str
+    age: int
+    kernel_base: int
+    kernel_size: int
+    dtb: int
+    dtb_source: str
+    kernel_base_source: str
+    profile: str                 # what supplied the structure layouts
+    globals: dict[str, int | None]
+    sources: dict[str, str]      # global name -> how it was found
+    stats: ReadStats
+    header_cookie: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
