@@ -1,0 +1,330 @@
+"""`handle …` commands and `set/show handle …` settings in gdb.
+
+The layer is thin: parse the arguments, ask the engine, render with render.py. Every
+failure reaches the user as one line (`gdb.GdbError`), never a Python traceback.
+
+Note: gdb has a built-in `handle` command (signal handling); this prefix replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import gdb
+
+from gdbhandles import render
+from gdbhandles.errors import HandleError
+from gdbhandles.gdbsession import Session
+from gdbhandles.records import ReadStats
+
+MASK64 = (1 << 64) - 1
+PROGRESS_EVERY = 0.5        # seconds between progress lines
+
+session: Session | None = None
+
+
+class _Done(Exception):
+    """argparse finished early on purpose (`--help`)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that talks through gdb: help to gdb's output, errors as one GdbError line."""
+
+    def __init__(self, name: str, summary: str, example: str):
+        super().__init__(prog=f"handle {name}", description=summary, epilog=f"Example: {example}",
+                         add_help=True, allow_abbrev=False)
+
+    def _print_message(self, message, file=None):
+        if message:
+            gdb.write(message)
+
+    def exit(self, status=0, message=None):
+        if message:
+            raise gdb.GdbError(message.strip())
+        raise _Done()
+
+    def error(self, message):
+        usage = " ".join(self.format_usage().split())
+        raise gdb.GdbError(f"{self.prog}: {message} ({usage})")
+
+
+def integer(text: str) -> int:
+    """Decimal, 0x-hex, or any gdb expression (`$rcx`, `$rsp+8`), as a 64-bit unsigned value."""
+    if re.fullmatch(r"-?(0[xX][0-9a-fA-F]+|[0-9]+)", text):
+        return int(text, 16 if "x" in text.lower() else 10) & MASK64
+    try:
+        return int(gdb.parse_and_eval(text)) & MASK64
+    except gdb.error as exc:
+        raise argparse.ArgumentTypeError(f"not a number or expression: {text} ({exc})") from None
+
+
+def process(text: str) -> int | str:
+    """A pid (number or expression) or a process image name."""
+    if re.fullmatch(r"[\w.\- ]+", text) and not re.fullmatch(r"-?(0[xX][0-9a-fA-F]+|[0-9]+)", text):
+        return text
+    return integer(text)
+
+
+@dataclass
+class Subcommand:
+    name: str
+    summary: str
+    example: str
+    arguments: Callable[[Parser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, summary: str, example: str, arguments=lambda parser: None):
+    """Declare `handle NAME`; extensions (qmpcommands.py) use the same decorator."""
+    def declare(run):
+        SUBCOMMANDS[name] = Subcommand(name, summary, example, arguments, run)
+        return run
+    return declare
+
+
+class _GdbSubcommand(gdb.Command):
+    def __init__(self, spec: Subcommand):
+        self.spec = spec
+        self.__doc__ = f"{spec.summary}\nUsage: see `handle {spec.name} --help`.\nExample: {spec.example}"
+        super().__init__(f"handle {spec.name}", gdb.COMMAND_DATA)
+
+    def invoke(self, argument: str, from_tty: bool) -> None:
+        self.dont_repeat()
+        parser = Parser(self.spec.name, self.spec.summary, self.spec.example)
+        self.spec.arguments(parser)
+        try:
+            args = parser.parse_args(gdb.string_to_argv(argument))
+            self.spec.run(args)
+        except _Done:
+            return
+        except HandleError as exc:
+            raise gdb.GdbError(str(exc)) from None
+        except (gdb.GdbError, KeyboardInterrupt):
+            raise
+        except gdb.error as exc:
+            raise gdb.GdbError(f"handle {self.spec.name}: {exc}") from None
+        except Exception as exc:   # a bug of ours: still one line, with what to report
+            raise gdb.GdbError(f"handle {self.spec.name}: internal error {type(exc).__name__}: {exc}") from None
+
+
+class _HandlePrefix(gdb.Command):
+    """Windows handle tables of a QEMU guest (attach with `target remote 127.0.0.1:PORT`).
+
+Subcommands: lookup, walk, ps, info (`handle SUBCOMMAND --help` for each).
+Settings: `set handle profile FILE`, `set handle qmp SOCKET`, `set handle progress on|off`.
+Note: replaces gdb's signal `handle` command while gdbhandles is loaded."""
+
+    def __init__(self):
+        super().__init__("handle", gdb.COMMAND_DATA, prefix=True)
+
+    def invoke(self, argument: str, from_tty: bool) -> None:
+        if argument.strip():
+            word = argument.split()[0]
+            raise gdb.GdbError(f"handle: unknown subcommand {word!r}; one of: {', '.join(sorted(SUBCOMMANDS))}")
+        gdb.execute("help handle")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+class _SettingsPrefix(gdb.Command):
+    def __init__(self, verb: str):
+        self.__doc__ = f"{verb.capitalize()} gdbhandles settings."
+        self.verb = verb
+        super().__init__(f"{verb} handle", gdb.COMMAND_DATA, prefix=True)
+
+    def invoke(self, argument: str, from_tty: bool) -> None:
+        if self.verb == "show":
+            for name in SETTINGS:
+                gdb.execute(f"show handle {name}")
+        else:
+            gdb.execute("help set handle")
+
+
+class ProfileParameter(gdb.Parameter):
+    """A volatility3 ISF file (JSON, optionally .xz/.gz) with the layout and symbols of a kernel build
+gdbhandles does not ship. Empty: use the shipped profiles."""
+
+    set_doc = "Set the volatility3 ISF profile file for unknown kernel builds."
+    show_doc = "Show the volatility3 ISF profile file."
+
+    def __init__(self):
+        super().__init__("handle profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
+        self.value = ""
+        self.accepted = ""
+
+    def get_set_string(self):
+        if self.value and not os.path.isfile(self.value):
+            missing, self.value = self.value, self.accepted
+            raise gdb.GdbError(f"no such file: {missing}")
+        self.accepted = self.value
+        if session is not None:
+            session.set_profile(self.value)
+        return f"gdbhandles will use {self.value}" if self.value else "gdbhandles will use its shipped profiles"
+
+    def get_show_string(self, svalue):
+        return f"ISF profile: {svalue or '(none: shipped profiles)'}"
+
+
+class QmpParameter(gdb.Parameter):
+    """QEMU's QMP socket: a unix socket path or tcp:127.0.0.1:PORT (for handle pause/resume)."""
+
+    set_doc = "Set the QMP socket of the QEMU guest."
+    show_doc = "Show the QMP socket of the QEMU guest."
+
+    def __init__(self):
+        super().__init__("handle qmp", gdb.COMMAND_DATA, gdb.PARAM_STRING)
+        self.value = ""
+
+    def get_set_string(self):
+        return f"QMP socket: {self.value}" if self.value else "QMP not used"
+
+    def get_show_string(self, svalue):
+        return f"QMP socket: {svalue or '(none)'}"
+
+
+class ProgressParameter(gdb.Parameter):
+    """Whether long walks report their progress."""
+
+    set_doc = "Set whether long walks report progress."
+    show_doc = "Show whether long walks report progress."
+
+    def __init__(self):
+        super().__init__("handle progress", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.value = True
+
+    def get_set_string(self):
+        return ""
+
+    def get_show_string(self, svalue):
+        return f"Progress reports on long walks: {svalue}"
+
+
+SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter}
+parameters: dict[str, gdb.Parameter] = {}
+
+
+# --- output helpers -------------------------------------------------------------------------
+
+class Progress:
+    """Throttled progress lines on gdb's error stream; the last one is overwritten."""
+
+    def __init__(self):
+        self.enabled = bool(parameters["progress"].value) if "progress" in parameters else False
+        self.last = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            gdb.write(f"{message}\n", gdb.STDERR)
+            gdb.flush()
+
+
+def emit(text: str) -> None:
+    gdb.write(text if text.endswith("\n") else text + "\n")
+
+
+def warn(warning) -> None:
+    """A bad entry or unreadable page met by a walk, which goes on."""
+    handle = f" handle {warning.handle:#x}" if warning.handle is not None else ""
+    gdb.write(f"warning: {warning.process}({warning.pid}){handle}: {warning.message}\n", gdb.STDERR)
+
+
+def stats_since(windows, before: ReadStats) -> ReadStats:
+    now = windows.info().stats
+    return ReadStats(**{key: getattr(now, key) - getattr(before, key) for key in vars(now)})
+
+
+# --- the subcommands ------------------------------------------------------------------------
+
+def _lookup_arguments(parser: Parser) -> None:
+    parser.add_argument("process", type=process, help="pid (decimal, 0x-hex, expression) or image name")
+    parser.add_argument("handle", type=integer,
+                        help="handle value; -1/-2 for the current process/thread of the selected vCPU; "
+                             "kernel handles as 0x80000004 or 0xffffffff80000004")
+    parser.add_argument("--json", action="store_true", help="one JSON list, the truth.json record shape")
+
+
+@subcommand("lookup", "Show what one handle of a process refers to.", "handle lookup lsass.exe 0x1c",
+            _lookup_arguments)
+def lookup(args: argparse.Namespace) -> None:
+    with session.open() as windows:
+        record = windows.lookup(args.process, args.handle)
+    emit(render.lookup_json([record]) if args.json else render.lookup_text(record))
+
+
+def _walk_arguments(parser: Parser) -> None:
+    parser.add_argument("target", nargs="?", default="all",
+                        help="pid, image name, or all (default; System's table holds the kernel handles)")
+    parser.add_argument("--type", help="only objects of this type (e.g. File, Key, Event)")
+    parser.add_argument("--name", help="only objects whose name contains this text")
+    parser.add_argument("--json", action="store_true", help="one JSON list, the truth.json record shape")
+
+
+@subcommand("walk", "List the handles of one process or of all.", "handle walk explorer.exe --type File",
+            _walk_arguments)
+def walk(args: argparse.Namespace) -> None:
+    target = None if args.target == "all" else process(args.target)
+    started = time.monotonic()
+    with session.open() as windows:
+        before = windows.info().stats
+        records = list(windows.walk(target, type=args.type, name=args.name, progress=Progress(), warn=warn))
+        stats = stats_since(windows, before)
+    emit(render.handles_json(records) if args.json else render.handles_table(records))
+    summary = render.walk_summary(records, time.monotonic() - started, stats)
+    gdb.write(summary + "\n", gdb.STDERR if args.json else gdb.STDOUT)
+
+
+def _json_only(parser: Parser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON list")
+
+
+@subcommand("ps", "List the processes: pid, name, EPROCESS, handle count, table level.", "handle ps",
+            _json_only)
+def ps(args: argparse.Namespace) -> None:
+    with session.open() as windows:
+        records = windows.processes()
+    emit(render.processes_json(records) if args.json else render.processes_table(records))
+
+
+@subcommand("info", "Show what was detected: build, PDB GUID, kernel base, DTB, profile, globals, reads.",
+            "handle info", _json_only)
+def info(args: argparse.Namespace) -> None:
+    with session.open() as windows:
+        record = windows.info()
+    emit(render.info_json(record) if args.json else render.info_text(record))
+    if not args.json:
+        memory = "QEMU physical mode (Qqemu.PhyMemMode)"
+        ram = session.phys.ram
+        ram_text = ", ".join(f"{a:#x}-{b:#x}" for a, b in ram) if ram else "unknown (no monitor)"
+        emit(f"memory access: {memory}; guest RAM: {ram_text}; discoveries this session: {session.opens}")
+
+
+# --- registration ---------------------------------------------------------------------------
+
+_registered = False
+
+
+def register() -> None:
+    """Create the commands and settings once (sourcing gdbinit.py twice changes nothing)."""
+    global _registered, session
+    if _registered:
+        return
+    session = Session()
+    _HandlePrefix()
+    for spec in SUBCOMMANDS.values():
+        _GdbSubcommand(spec)
+    _SettingsPrefix("set")
+    _SettingsPrefix("show")
+    for name, cls in SETTINGS.items():
+        parameters[name] = cls()
+    _registered = True
+

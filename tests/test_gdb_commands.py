@@ -1,0 +1,137 @@
+"""The `handle` commands' own behaviour in a real gdb: loading, help, arguments, settings, errors.
+
+Uses the stub guest (long mode, not Windows) and a QEMU with nothing to boot; the Windows
+guests are in test_gdb_live.py.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gdbhandles.mi import Gdb, MiError
+from gdbstub_guest import qemu, settle
+
+REPO = Path(__file__).resolve().parents[1]
+GDBINIT = REPO / "gdbinit.py"
+
+
+def one_line_error(gdb, command) -> str:
+    """Run a command that must fail; its error is one line and no traceback was printed."""
+    with pytest.raises(MiError) as exc:
+        gdb.console(command)
+    message = exc.value.message
+    assert "\n" not in message.strip(), message
+    assert "Traceback" not in exc.value.log and "Python Exception" not in exc.value.log, exc.value.log
+    return message
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """gdb with the extension and no target."""
+    with Gdb() as gdb:
+        gdb.console(f"source {GDBINIT}")
+        yield gdb
+
+
+def test_help_lists_every_subcommand_and_setting(loaded):
+    text = loaded.console("help handle")
+    for word in ("handle lookup", "handle walk", "handle ps", "handle info",
+                 "set handle profile", "set handle qmp", "set handle progress"):
+        assert word in text
+    assert "usage: handle walk" in loaded.console("handle walk --help")
+    assert "Example: handle lookup" in loaded.console("handle lookup --help")
+
+
+def test_sourcing_twice_changes_nothing(loaded):
+    before = loaded.console("help handle")
+    loaded.console(f"source {GDBINIT}")
+    assert loaded.console("help handle") == before
+
+
+def test_bad_arguments_are_one_line_usage_errors(loaded):
+    assert one_line_error(loaded, "handle lookup").startswith(
+        "handle lookup: the following arguments are required: process, handle (usage: handle lookup")
+    assert "unrecognized arguments: --frob" in one_line_error(loaded, "handle walk all --frob")
+    assert "not a number or expression: $nosuchvar+" in one_line_error(loaded, "handle lookup 4 $nosuchvar+")
+    assert "unknown subcommand 'frob'" in one_line_error(loaded, "handle frob")
+
+
+def test_integer_arguments_accept_decimal_hex_and_expressions(loaded):
+    def ev(text):
+        return int(loaded.console(f"python print(__import__('gdbhandles.commands').commands.integer({text!r}))"))
+
+    loaded.console("set $myhandle = 0x1c")
+    assert ev("28") == 28 and ev("0x1c") == 28 and ev("$myhandle") == 28 and ev("$myhandle + 4") == 32
+    assert ev("010") == 10                      # decimal, not gdb's octal
+    assert ev("-1") == ev("0xffffffffffffffff") == 2**64 - 1
+    assert ev("-2") == 2**64 - 2
+
+    def proc(text):
+        return loaded.console(f"python print(repr(__import__('gdbhandles.commands').commands.process({text!r})))")
+
+    assert proc("lsass.exe") == "'lsass.exe'\n" and proc("612") == "612\n" and proc("0x264") == "612\n"
+
+
+def test_settings(loaded):
+    assert "(none: shipped profiles)" in loaded.console("show handle profile")
+    assert one_line_error(loaded, "set handle profile /no/such/isf.json") == "no such file: /no/such/isf.json"
+    assert "(none: shipped profiles)" in loaded.console("show handle profile")
+    profile = Path(loaded.console("python print(__import__('gdbhandles').__file__)").strip()).parent
+    isf = profile / "data" / "windows-x64-offsets.json"
+    loaded.console(f"set handle profile {isf}")
+    assert str(isf) in loaded.console("show handle profile")
+    loaded.console("set handle profile")
+    assert "(none: shipped profiles)" in loaded.console("show handle profile")
+    loaded.console("set handle progress off")
+    assert loaded.console("show handle progress").strip().endswith("off")
+    loaded.console("set handle progress on")
+    loaded.console("set handle qmp /tmp/some.sock")
+    assert "/tmp/some.sock" in loaded.console("show handle qmp")
+    shown = loaded.console("show handle")
+    assert "ISF profile" in shown and "QMP socket" in shown and "Progress" in shown
+
+
+def test_no_target(loaded):
+    for command in ("handle ps", "handle walk", "handle lookup 4 4", "handle info"):
+        assert one_line_error(loaded, command).startswith("no target: connect first")
+
+
+def test_missing_dependencies_say_how_to_install(tmp_path):
+    """gdbinit.py away from its venv and package: one clear message, no traceback."""
+    alone = tmp_path / "gdbinit.py"
+    shutil.copy(GDBINIT, alone)
+    with Gdb() as gdb:
+        result = gdb.source(str(alone))
+        message = result.log.strip()
+        assert message.startswith("gdbhandles: cannot import") and "pip install" in message, message
+        assert "\n" not in message and "Traceback" not in message
+        assert "handle lookup" not in gdb.console("help handle")   # still gdb's signal command
+
+
+@pytest.mark.integration
+def test_running_target_and_non_windows_guest():
+    with qemu() as port, Gdb() as gdb:
+        gdb.console(f"source {GDBINIT}")
+        gdb.connect("127.0.0.1", port)
+        settle(gdb)
+        gdb.cont()
+        try:
+            assert one_line_error(gdb, "handle walk").startswith("the target is running")
+        finally:
+            gdb.interrupt()
+        for command in ("handle ps", "handle walk all --json", "handle lookup 4 4", "handle info"):
+            message = one_line_error(gdb, command)
+            assert "Windows" in message or "kernel" in message, message
+        # physical mode was switched off again after the failed discovery
+        assert gdb.console("maintenance packet qqemu.PhyMemMode").split('"')[-2] == "0"
+
+
+@pytest.mark.integration
+def test_guest_without_any_kernel():
+    """QEMU with nothing to boot: the vCPU sits in the BIOS, real mode."""
+    with qemu(kernel=False, smp=1) as port, Gdb() as gdb:
+        gdb.console(f"source {GDBINIT}")
+        gdb.connect("127.0.0.1", port)
+        message = one_line_error(gdb, "handle ps")
+        assert "Windows" in message or "kernel" in message, message
