@@ -1,0 +1,45 @@
+"""Fixtures every test uses: built test guests (cached) and booted ones (QEMU, cleaned up)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VM_IMAGES = Path(__file__).resolve().parents[1] / "vm-images"
+sys.path.insert(0, str(VM_IMAGES))
+
+from boot import booted  # noqa: E402
+from winguest.cache import guest as cached_guest  # noqa: E402
+
+
+@dataclass
+class BootedGuest:
+    dir: Path
+    truth: dict
+    port: int
+    qmp: str
+    pid: int
+
+
+@pytest.fixture(scope="session")
+def built_guest():
+    """built_guest(profile=19041, scenario="default", seed=0, guid=None) -> guest directory."""
+    def get(profile="19041", scenario="default", seed=0, guid=None) -> Path:
+        return cached_guest(str(profile), scenario, seed, guid)
+    return get
+
+
+@pytest.fixture
+def booted_guest():
+    """booted_guest(profile, scenario, seed, guid, **booted_kwargs) -> BootedGuest; QEMU is
+    killed and its socket directory removed when the test ends."""
+    with contextlib.ExitStack() as stack:
+        def boot(profile="19041", scenario="default", seed=0, guid=None, **kw) -> BootedGuest:
+            d = cached_guest(str(profile), scenario, seed, guid)
+            b = stack.enter_context(booted(d, **kw))
+            return BootedGuest(d, json.loads((d / "truth.json").read_text()), b.port, b.qmp, b.pid)
+        yield boot
