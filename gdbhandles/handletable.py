@@ -191,5 +191,11 @@ class HandleTable:
         header, granted, attributes = self.format.decode(raw, 0)
         entry = Entry(value, address, header, granted, attributes, not any(raw))
         if header is None:
-            return ("never_allocated" if entry.empty else "free"), entry, path
+            return ("never_allocated" if entry.empty or value > self.highest_in_use() else "free"), entry, path
         return "valid", entry, path
+
+    def highest_in_use(self) -> int:
+        """The largest handle value holding an object (0 if none). Windows hands out the
+        lowest free value first, so a free entry above it counts as never allocated."""
+        return max((e.handle for e in self.entries() if isinstance(e, Entry) and e.header is not None),
+                   default=0)

@@ -2,8 +2,9 @@
 
 Sources, as kernel.py chooses them: a shipped profile (`data/windows-x64-offsets*.json`,
 keyed by PDB GUID through `data/windows-x64-layout-index.json`, or by build number), or a
-user's volatility3 ISF. A field a shipped profile lacks (null) is borrowed from the
-nearest build that has it, and `Layout.borrowed` says so.
+user's volatility3 ISF. The extra profiles come from headers that miss a few members
+(null there, e.g. _KPCR.Prcb.CurrentThread on 22621): those are borrowed from the nearest
+build that has them, and `Layout.borrowed` says so.
 """
 
 from __future__ import annotations
@@ -141,8 +142,16 @@ class ProfileLayout(Layout):
         return entry["size"] if entry else None
 
     def _fallbacks(self):
+        if self.profile["file"] != "extra":
+            return []
         others = [p for p in shipped_profiles() if p is not self.profile]
         return sorted(others, key=lambda p: (abs(p["build"] - self.build), p["file"] != "offsets"))
+
+    def find(self, struct, path):
+        entry = self.profile["structs"].get(struct)
+        if entry is not None and path not in entry["fields"]:
+            return None               # not a member of this build at all
+        return super().find(struct, path)
 
 
 def for_guid(guid: str, age: int) -> ProfileLayout | None:

@@ -116,6 +116,11 @@ class PhysicalMemory:
             self._ensure(sorted(wanted))
 
 
+def _transition(entry: int) -> bool:
+    """A page Windows has taken off the working set but not yet reused: its frame is valid."""
+    return bool(entry & TRANSITION and not entry & PROTOTYPE and entry & PFN_MASK)
+
+
 def canonical(va: int) -> bool:
     top = va >> 47
     return top == 0 or top == 0x1FFFF
@@ -136,9 +141,8 @@ class AddressSpace:
         table = self.dtb
         for shift in (39, 30, 21, 12):
             entry = self.phys.u64(table + ((va >> shift) & 0x1FF) * 8)
-            if not entry & PRESENT:
-                if not (entry & TRANSITION and not entry & PROTOTYPE and entry & PFN_MASK):
-                    raise UnreadablePage(va)
+            if not entry & PRESENT and not _transition(entry):
+                raise UnreadablePage(va)
             elif shift in (30, 21) and entry & LARGE:
                 span = (1 << shift) - 1
                 return (entry & PFN_MASK & ~span) | (va & span & ~(PAGE - 1))
@@ -208,8 +212,7 @@ class AddressSpace:
                 va |= 0xFFFF_0000_0000_0000
             if va + span <= start or va >= end:
                 continue
-            present = entry & PRESENT or (entry & TRANSITION and not entry & PROTOTYPE and shift == 12)
-            if not present or not entry & PFN_MASK:
+            if not (entry & PRESENT or (shift == 12 and _transition(entry))):
                 continue
             if shift == 12 or (shift in (30, 21) and entry & LARGE):
                 yield va, span
