@@ -71,12 +71,13 @@ def rights(type_name: str | None, mask: int) -> list[str]:
     specific, composites = RIGHTS.get(type_name or "", ({}, {}))
     if mask in composites:
         return [composites[mask]]
-    names, left = [], mask
+    picked, left = [], mask
     for table in (composites, STANDARD_COMPOSITES):
         for value, name in sorted(table.items(), key=lambda item: -bin(item[0]).count("1")):
             if value & mask == value and value & left:
-                names.append(name)
+                picked.append((value, name))
                 left &= ~value
+    names = [name for _value, name in sorted(picked)]
     for table in (specific, STANDARD):
         for value, name in sorted(table.items()):
             if value & left:

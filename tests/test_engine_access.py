@@ -1,0 +1,51 @@
+"""Granted-access masks decoded per object type, and the text/JSON renderers."""
+import json
+
+import pytest
+
+from gdbhandles import access, render
+from gdbhandles.records import HANDLE_KEYS, HandleRecord
+
+
+@pytest.mark.parametrize("type_name,mask,text", [
+    ("Event", 0x1F0003, "0x1f0003 EVENT_ALL_ACCESS"),
+    ("Event", 0x100002, "0x100002 EVENT_MODIFY_STATE|SYNCHRONIZE"),
+    ("File", 0x120089, "0x120089 FILE_GENERIC_READ"),
+    ("File", 0x12019F, "0x12019f FILE_GENERIC_READ|FILE_GENERIC_WRITE"),
+    ("Key", 0x20019, "0x20019 KEY_READ"),
+    ("Key", 0xF003F, "0xf003f KEY_ALL_ACCESS"),
+    ("Process", 0x1FFFFF, "0x1fffff PROCESS_ALL_ACCESS"),
+    ("Process", 0x1410, "0x1410 PROCESS_VM_READ|PROCESS_QUERY_INFORMATION|PROCESS_QUERY_LIMITED_INFORMATION"),
+    ("Thread", 0x1FFFFF, "0x1fffff THREAD_ALL_ACCESS"),
+    ("Token", 0x8, "0x8 TOKEN_QUERY"),
+    ("Section", 0x4, "0x4 SECTION_MAP_READ"),
+    ("Mutant", 0x1F0001, "0x1f0001 MUTANT_ALL_ACCESS"),
+    ("Semaphore", 0x100003, "0x100003 SEMAPHORE_QUERY_STATE|SEMAPHORE_MODIFY_STATE|SYNCHRONIZE"),
+    ("Directory", 0x3, "0x3 DIRECTORY_QUERY|DIRECTORY_TRAVERSE"),
+    ("Unknown", 0xF0000, "0xf0000 STANDARD_RIGHTS_REQUIRED"),
+    ("Event", 0x80000000, "0x80000000 GENERIC_READ"),
+    ("Event", 0x100008, "0x100008 SYNCHRONIZE|0x8"),
+    ("Event", 0, "0x0"),
+])
+def test_rights(type_name, mask, text):
+    assert access.describe(type_name, mask) == text
+
+
+def test_attribute_names():
+    assert access.attribute_names(7) == ["ProtectFromClose", "Inherit", "Audit"]
+    assert access.attribute_names(0) == []
+
+
+def test_handle_json_is_the_truth_shape():
+    record = HandleRecord(4, "System", 8, 0xFFFF9E0D12345670, "Key", "\\REGISTRY\\MACHINE", 0x20019, 2)
+    [item] = json.loads(render.handles_json([record]))
+    assert tuple(item) == HANDLE_KEYS
+    assert item["object"] == 0xFFFF9E0D12345670 and item["name"] == "\\REGISTRY\\MACHINE"
+
+
+def test_handle_table_columns():
+    records = [HandleRecord(612, "lsass.exe", 0x1C, 0xFFFF9E0D12345670, "Event", None, 0x1F0003, 0)]
+    lines = render.handles_table(records).splitlines()
+    assert lines[0].split() == ["PID", "Process", "Handle", "Object", "Type", "Access", "Name"]
+    assert lines[2].split() == ["612", "lsass.exe", "0x1c", "0xffff9e0d12345670", "Event",
+                                "0x1f0003", "EVENT_ALL_ACCESS"]
