@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -85,11 +86,14 @@ class Gdb:
             raise MiError(f"gdb exited with status {self._ctrl.gdb_process.returncode}")
         return records
 
-    def mi(self, command: str, timeout: float | None = None) -> MiResult:
-        """Send one MI command and wait for its result record; `^error` raises MiError."""
+    def send(self, command: str) -> int:
+        """Write one MI command without waiting; its token, for result()."""
         self._token += 1
-        token = self._token
-        self._ctrl.write(f"{token}{command}", read_response=False)
+        self._ctrl.write(f"{self._token}{command}", read_response=False)
+        return self._token
+
+    def result(self, token: int, timeout: float | None = None, what: str = "") -> MiResult:
+        """Wait for the result record of `token`; `^error` raises MiError."""
         deadline = time.monotonic() + (timeout or self.timeout)
         console: list[str] = []
         log: list[str] = []
@@ -112,8 +116,17 @@ class Gdb:
                     self.backlog.append(rec)
                 mine.append(rec)
             if time.monotonic() > deadline:
-                raise MiTimeout(f"gdb did not answer {command!r} within {timeout or self.timeout:g} s",
+                raise MiTimeout(f"gdb did not answer {what or token!r} within {timeout or self.timeout:g} s",
                                 "".join(log), "".join(console))
+
+    def mi(self, command: str, timeout: float | None = None) -> MiResult:
+        """Send one MI command and wait for its result record; `^error` raises MiError."""
+        return self.result(self.send(command), timeout, command)
+
+    def ctrl_c(self) -> None:
+        """SIGINT to gdb itself, as Ctrl-C in a terminal: a running `handle walk` stops with "Quit"."""
+        if self._ctrl.gdb_process is not None:
+            self._ctrl.gdb_process.send_signal(signal.SIGINT)
 
     def console(self, command: str, timeout: float | None = None) -> str:
         """Run a CLI command (`handle walk all --json`) and return what it printed."""

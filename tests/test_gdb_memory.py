@@ -54,6 +54,13 @@ HELPERS = textwrap.dedent(f"""
         else:
             out({{"error": None}})
 
+    def long_read():
+        phys = gdbmemory.GdbPhysical()
+        with phys.session():
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                phys.read({PATTERN_PHYS:#x}, 4096)
+
     def registers():
         out(gdbmemory.vcpu_registers() + [{{"selected_after": gdb.selected_thread().num}}])
 
@@ -103,6 +110,19 @@ def test_physical_reads_match_the_guest_pattern(stub_gdb):
 @pytest.mark.integration
 def test_physical_mode_is_switched_off_after_an_error(stub_gdb):
     assert call(stub_gdb, "mode_restored_after_error") == {"inside": "1", "after": "0"}
+
+
+@pytest.mark.integration
+def test_ctrl_c_in_a_long_read_switches_physical_mode_off(stub_gdb):
+    token = stub_gdb.send('-interpreter-exec console "python h.long_read()"')
+    time.sleep(0.5)
+    stub_gdb.ctrl_c()
+    started = time.monotonic()
+    with pytest.raises(MiError) as exc:
+        stub_gdb.result(token, timeout=10)
+    assert time.monotonic() - started < 5
+    assert "KeyboardInterrupt" in exc.value.log
+    assert stub_gdb.console("maintenance packet qqemu.PhyMemMode").split('"')[-2] == "0"
 
 
 @pytest.mark.integration
