@@ -23,8 +23,7 @@ LOW_STUB_ENTRY, LOW_STUB_CR3 = 0x70, 0xA0
 LOW_STUB_RANGE = range(0x1000, 0x100000, PAGE)
 SCAN_DOWN = 32 << 20                  # how far below a code address the image base may be
 LARGE = 2 << 20
-KERNEL_REGION = (0xFFFFF80000000000, 0xFFFFF88000000000)
-UPPER_HALF = (0xFFFF800000000000, 0xFFFFFFFFFFFFF000)
+KERNEL_REGION = (0xFFFFF80000000000, 0xFFFFF88000000000)   # where every x64 build loads ntoskrnl
 IDT_VECTORS = 4
 GLOBALS = ("PsActiveProcessHead", "PspCidTable", "ObTypeIndexTable", "ObHeaderCookie",
            "ObpInfoMaskToOffset", "ObpKernelHandleTable", "PsInitialSystemProcess")
@@ -92,11 +91,12 @@ def low_stub(phys: PhysicalMemory) -> tuple[int, int, int] | None:
 
 
 def self_referencing_pml4s(phys: PhysicalMemory):
-    """Physical pages holding a kernel-half entry that points back at the page itself."""
+    """Physical pages with a kernel-half entry pointing back at the page itself, one per
+    distinct kernel half (every process's PML4 shares the kernel's)."""
     size = getattr(phys.backend, "size", None)
     if not size:
         return
-    chunk = 1 << 20
+    chunk, seen = 1 << 20, set()
     for start in range(0, size - size % PAGE, chunk):
         try:
             data = phys.scan(start, min(chunk, size - start))
@@ -105,9 +105,13 @@ def self_referencing_pml4s(phys: PhysicalMemory):
         for offset in range(0, len(data), PAGE):
             page = start + offset
             entries = struct.unpack_from("<256Q", data, offset + 0x800)
-            if any(e & PFN_MASK == page and e & 3 == 3 for e in entries):
-                present = sum(1 for e in entries if e & 1)
-                if present >= 2:
+            if sum(1 for e in entries if e & 1) < 2:
+                continue
+            selves = [i for i, e in enumerate(entries) if e & PFN_MASK == page and e & 3 == 3]
+            if selves:
+                half = tuple(e for i, e in enumerate(entries) if i not in selves)
+                if half not in seen:
+                    seen.add(half)
                     yield page
 
 
@@ -176,17 +180,16 @@ def _find_base(space: AddressSpace, registers, stub, kernel_base) -> tuple[int, 
         found = _scan_down(space, hint)
         if found:
             return found[0], found[1], f"MZ below the {source}"
-    for start, end in (KERNEL_REGION, UPPER_HALF):
-        for va, size in space.mapped_pages(start, end):
-            for base in range(va, va + size, PAGE):
-                try:
-                    if space.read(base, 2) != b"MZ":
-                        continue
-                except HandleError:
+    for va, size in space.mapped_pages(*KERNEL_REGION):
+        for base in range(va, va + size, PAGE):
+            try:
+                if space.read(base, 2) != b"MZ":
                     continue
-                image = _kernel_at(space, base)
-                if image is not None:
-                    return base, image, "scan of the kernel half for an MZ with ntkrnlmp.pdb"
+            except HandleError:
+                continue
+            image = _kernel_at(space, base)
+            if image is not None:
+                return base, image, "scan of the kernel region for an MZ with ntkrnlmp.pdb"
     return None
 
 
@@ -203,6 +206,8 @@ def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None
     stub = low_stub(phys)
     if stub is not None:
         yield stub[1], f"low-memory processor start block at {stub[0]:#x}", stub
+    if stub is not None:
+        seen.add(stub[1])
     for page in self_referencing_pml4s(phys):
         if page not in seen:
             yield page, "self-referencing PML4 scan", None
@@ -219,7 +224,8 @@ def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_
             return space, source, base, image, base_source
         tried.append(f"{candidate:#x} ({source})")
     what = "the given kernel base" if kernel_base is not None else "an ntoskrnl image"
-    detail = "; tried DTBs " + ", ".join(tried) if tried else ": no CR3, start block or PML4 found"
+    shown = ", ".join(tried[:4]) + (f" and {len(tried) - 4} more" if len(tried) > 4 else "")
+    detail = f"; tried DTBs {shown}" if tried else ": no CR3, start block or PML4 found"
     raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail} (override with --dtb/--kernel-base)")
 
 
