@@ -94,3 +94,28 @@ def test_pmemsave_equals_memory_raw(booted_guest, tmp_path):
             if pa not in runtime:
                 assert got[pa:pa + 0x1000] == want[pa:pa + 0x1000], f"page {pa:#x}"
     check_guest(dump, g.truth)
+
+
+def test_kpti_second_vcpu_in_user_mode(booted_guest):
+    g = booted_guest("19041", "kpti")
+    t = g.truth
+    user = t["vcpus"][1]
+    assert user["cpl"] == 3
+    gdb = Gdb(g.port)
+    try:
+        gdb.cmd("-thread-select 2")
+        assert gdb.reg("cs") & 3 == 3
+        assert gdb.reg("cr3") == user["cr3"]
+        proc = next(p for p in t["processes"] if p["pid"] == user["pid"])
+        assert user["cr3"] == proc["user_dtb"] != proc["dtb"]
+        assert gdb.reg("gs_base") == user["gs_base"]
+        assert gdb.reg("k_gs_base") == user["kpcr"]
+        assert user["rip"] <= gdb.reg("rip") < user["rip"] + 4     # pause; jmp $-2
+        # the user CR3 maps no kernel data: the KPCR's Self field reads through the shadow page,
+        # but the EPROCESS (pool) is not reachable from this vCPU's page tables
+        with pytest.raises(AssertionError):
+            gdb.mem(proc["eprocess"], 8)
+        gdb.cmd("-thread-select 1")
+        assert gdb.reg("cr3") == t["kernel_dtb"]
+    finally:
+        gdb.close()

@@ -68,16 +68,19 @@ class Processor:
     tss: int
     stack_top: int
     ists: list[int]
+    transition_stack: int          # top of the KVA-shadow transition stack (TSS.Rsp0 then)
     shadow_pages: list[int]        # per-CPU VAs a KVA-shadow user CR3 must map
 
 
 def build_processor(L: Layout, kmem: KernelMemory, index: int, area: int, stacks: int) -> Processor:
-    """Lay out one CPU: [GDT+TSS page][IDT page][KPCR pages]; kernel stack + 3 IST stacks."""
+    """Lay out one CPU: [GDT+TSS][IDT][KPCR...][transition stack]; kernel stack + 3 IST stacks."""
     kpcr_size = L.size("_KPCR") or KPCR_SIZE_FALLBACK
     gdt_va = area
     idt_va = area + PAGE
     kpcr = area + 2 * PAGE
-    kmem.back(area, 2 + -(-kpcr_size // PAGE))
+    kpcr_pages = -(-kpcr_size // PAGE)
+    transition = kpcr + kpcr_pages * PAGE
+    kmem.back(area, 3 + kpcr_pages)
     # stacks: guard page (never mapped) below each
     stack_base = stacks + PAGE
     kmem.back(stack_base, 6)
@@ -89,13 +92,13 @@ def build_processor(L: Layout, kmem: KernelMemory, index: int, area: int, stacks
         ists.append(at + PAGE)
         at += 2 * PAGE
     return Processor(index, kpcr, gdt_va, idt_va, gdt_va + 0x80, top - 0x30, ists,
-                     [gdt_va, idt_va, kpcr])
+                     transition + PAGE, [gdt_va, idt_va, kpcr, transition])
 
 
 def write_processor(L: Layout, kmem: KernelMemory, cpu: Processor, handlers: list[int],
-                    current_thread: int, idle_thread: int) -> None:
+                    current_thread: int, idle_thread: int, kvashadow: bool) -> None:
     kmem.write(cpu.gdt, gdt(cpu.tss))
-    kmem.write(cpu.tss, tss(cpu.stack_top, cpu.ists))
+    kmem.write(cpu.tss, tss(cpu.transition_stack if kvashadow else cpu.stack_top, cpu.ists))
     kmem.write(cpu.idt, idt(handlers))
     b = bytearray(L.size("_KPCR") or KPCR_SIZE_FALLBACK)
     struct.pack_into("<QQ", b, KPCR_GDT_BASE, cpu.gdt, cpu.tss)

@@ -27,6 +27,7 @@ from .profiles import Layout, find_profile
 from .scenarios import SCENARIOS, Population
 from .truth import make_truth
 from .shared_data import KERNEL_VA as KUSER_KERNEL, kuser_shared_data
+from .kvashadow import iret_exit, iret_frame, kvascode_pages, shadow_kernel, user_space
 from .vmem import KernelMemory, Pool, choose_regions
 
 HERE = Path(__file__).resolve().parent
@@ -65,135 +66,195 @@ class World:
         return p.table.add(obj, access, attributes, index)
 
 
-def kernel_pml4_kernel_half(space: AddressSpace) -> list[int]:
-    return [space.pml4e(i) for i in range(256, 512)]
-
-
 def build(spec: str, scenario: str, seed: int = 0, guid: str | None = None) -> dict:
     """Assemble a guest in memory; returns the files' contents by name."""
-    file_key, profile = find_profile(spec)
-    L = Layout(profile)
-    rng = random.Random(f"{profile['version']}|{scenario}|{seed}|{guid}")
-    real_guid = profile["pdb"]["guid"]
-    if guid == "random" or real_guid is None:
-        guid_str, age, guid_mode = "%032X" % rng.getrandbits(128), rng.randrange(1, 4), "random"
-    else:
-        guid_str, age, guid_mode = real_guid, profile["pdb"]["age"], "real"
-    ncpu = 2 if scenario == "kpti" else 1
-    ram = (512 if scenario in ("big", "level2") else 256) << 20
-    kvashadow = L.has_kpti
-    regions = choose_regions(L.build, rng)
+    return GuestBuilder(spec, scenario, seed, guid).run()
 
-    phys = PhysicalMemory(BLOB_BASE, ram - SEABIOS_TOP)
-    dtb = phys.reserve(rng.randrange(DTB_WINDOW[0], DTB_WINDOW[1]) & ~0xFFF)
-    system_space = AddressSpace(phys, dtb)
-    kmem = KernelMemory(phys, system_space, glob=not kvashadow)
 
-    image = build_kernel_image(profile, guid=guid_str, age=age, base=regions.kernel_base, rng=rng)
-    image_pa = map_image(image, phys, system_space, kvashadow)
+class GuestBuilder:
+    """The stages of one build, in the order their data depend on each other."""
 
-    pools = {"nonpaged": Pool(kmem, regions.nonpaged, 0, rng), "paged": Pool(kmem, regions.paged, 1, rng)}
-    kuser_pa = phys.alloc()
-    system_space.map(KUSER_KERNEL, kuser_pa, write=True, glob=not kvashadow)
+    def __init__(self, spec: str, scenario: str, seed: int, guid: str | None):
+        self.file_key, self.profile = find_profile(spec)
+        self.L = Layout(self.profile)
+        self.scenario, self.seed = scenario, seed
+        self.rng = random.Random(f"{self.profile['version']}|{scenario}|{seed}|{guid}")
+        real_guid = self.profile["pdb"]["guid"]
+        if guid == "random" or real_guid is None:
+            self.guid, self.age, self.guid_mode = "%032X" % self.rng.getrandbits(128), self.rng.randrange(1, 4), "random"
+        else:
+            self.guid, self.age, self.guid_mode = real_guid, self.profile["pdb"]["age"], "real"
+        self.ncpu = 2 if scenario == "kpti" else 1
+        self.ram = (512 if scenario in ("big", "level2") else 256) << 20
+        self.kvashadow = self.L.has_kpti
+        self.regions = choose_regions(self.L.build, self.rng)
 
-    om = ObjectManager(L, kmem, pools, rng)
-    cat = Catalog(L, kmem, om, rng)
-    pb = ProcessBuilder(L, kmem, om, rng)
-    pb.kuser_pa = kuser_pa
-    world = World(L, rng, kmem, om, cat, pb, pools, kvashadow)
-    root = cat.directory("\\")
-    om.make_types(cat.directory("\\ObjectTypes").body)
-    for d in ("\\BaseNamedObjects", "\\Sessions\\1\\BaseNamedObjects", "\\KnownDlls", "\\RPC Control",
-              "\\Device", "\\Driver", "\\GLOBAL??", "\\Callback", "\\KernelObjects"):
-        cat.directory(d)
+    def run(self) -> dict:
+        self.memory()
+        self.object_namespace()
+        self.procs = SCENARIOS[self.scenario](Population(self.world, self.rng))
+        self.system = self.procs[0]
+        self.handle_tables()
+        self.processors()
+        for p in self.procs:
+            self.pb.write(p, self.kvashadow)
+        self.pb.link_list(self.image.va("PsActiveProcessHead"))
+        self.globals()
+        self.address_spaces()
+        self.paged_out()
+        return self.outputs()
 
-    procs = SCENARIOS[scenario](Population(world, rng))
-    system = procs[0]
+    def memory(self) -> None:
+        """Physical blob, System PML4 in volatility's window, kernel image, pools, shared page."""
+        rng, glob = self.rng, not self.kvashadow
+        self.phys = PhysicalMemory(BLOB_BASE, self.ram - SEABIOS_TOP)
+        self.dtb = self.phys.reserve(rng.randrange(DTB_WINDOW[0], DTB_WINDOW[1]) & ~0xFFF)
+        self.space = AddressSpace(self.phys, self.dtb)
+        self.kmem = KernelMemory(self.phys, self.space, glob=glob)
+        self.image = build_kernel_image(self.profile, guid=self.guid, age=self.age,
+                                        base=self.regions.kernel_base, rng=rng)
+        map_image(self.image, self.phys, self.space, self.kvashadow)
+        self.pools = {"nonpaged": Pool(self.kmem, self.regions.nonpaged, 0, rng),
+                      "paged": Pool(self.kmem, self.regions.paged, 1, rng)}
+        self.kuser_pa = self.phys.alloc()
+        self.space.map(KUSER_KERNEL, self.kuser_pa, write=True, glob=glob)
 
-    # PspCidTable: process and thread bodies by id
-    cid = HandleTable(L, rng, 0, cid=True)
-    for p in procs:
-        cid.add(p.obj, 0, index=p.pid // 4)
-        for t in p.threads:
-            cid.add(t.obj, 0, index=t.tid // 4)
-    cid.layout_in(kmem, pools["paged"])
+    def object_namespace(self) -> None:
+        L, rng = self.L, self.rng
+        self.om = ObjectManager(L, self.kmem, self.pools, rng)
+        self.cat = Catalog(L, self.kmem, self.om, rng)
+        self.pb = ProcessBuilder(L, self.kmem, self.om, rng)
+        self.pb.kuser_pa = self.kuser_pa
+        self.world = World(L, rng, self.kmem, self.om, self.cat, self.pb, self.pools, self.kvashadow)
+        self.root = self.cat.directory("\\")
+        self.om.make_types(self.cat.directory("\\ObjectTypes").body)
+        for d in ("\\BaseNamedObjects", "\\Sessions\\1\\BaseNamedObjects", "\\KnownDlls", "\\RPC Control",
+                  "\\Device", "\\Driver", "\\GLOBAL??", "\\Callback", "\\KernelObjects"):
+            self.cat.directory(d)
 
-    for t in world.tables:
-        t.layout_in(kmem, pools["paged"])
-    head = pools["nonpaged"].alloc(16, b"ObHT")      # HandleTableListHead
-    ring = [head] + world.tables
-    for i, t in enumerate(world.tables):
-        t.link(kmem, ring[i], ring[(i + 2) % len(ring)])
-    kmem.list_entry(head, world.tables[0].va + L.off("_HANDLE_TABLE", "HandleTableList"),
-                    world.tables[-1].va + L.off("_HANDLE_TABLE", "HandleTableList"))
-    om.finish()
+    def handle_tables(self) -> None:
+        """PspCidTable (process/thread bodies by id), every process table, HandleTableList."""
+        L, kmem, pools = self.L, self.kmem, self.pools
+        self.cid = HandleTable(L, self.rng, 0, cid=True)
+        for p in self.procs:
+            self.cid.add(p.obj, 0, index=p.pid // 4)
+            for t in p.threads:
+                self.cid.add(t.obj, 0, index=t.tid // 4)
+        self.cid.layout_in(kmem, pools["paged"])
+        tables = self.world.tables
+        for t in tables:
+            t.layout_in(kmem, pools["paged"])
+        head = pools["nonpaged"].alloc(16, b"ObHT")      # HandleTableListHead
+        ring = [head] + tables
+        for i, t in enumerate(tables):
+            t.link(kmem, ring[i], ring[(i + 2) % len(ring)])
+        off = L.off("_HANDLE_TABLE", "HandleTableList")
+        kmem.list_entry(head, tables[0].va + off, tables[-1].va + off)
+        self.om.finish()
 
-    # processors: per-CPU area after the image, the low stub's kernel alias before it
-    cpu_area = regions.kernel_base + ((len(image.data) + 0x3FFFFF) & ~0x1FFFFF)
-    stub_alias = cpu_area
-    system_space.map(stub_alias, LOW_STUB, write=False, execute=True, glob=not kvashadow)
-    cpus = [cpumod.build_processor(L, kmem, i, cpu_area + 0x10000 + i * 0x20000,
-                                   regions.stacks + i * 0x20000) for i in range(ncpu)]
-    handlers = idt_handlers(image, kvashadow)
-    current = [system.threads[1]] + ([procs[8].threads[0]] if ncpu > 1 else [])
-    for c, t in zip(cpus, current):
-        cpumod.write_processor(L, kmem, c, handlers, t.ethread, system.threads[0].ethread)
+    def processors(self) -> None:
+        """Per-CPU areas after the image (the low stub's kernel alias first); current threads."""
+        image, kmem = self.image, self.kmem
+        area = image.base + ((len(image.data) + 0x3FFFFF) & ~0x1FFFFF)
+        self.stub_alias = area
+        self.space.map(area, LOW_STUB, write=False, execute=True, glob=not self.kvashadow)
+        self.cpus = [cpumod.build_processor(self.L, kmem, i, area + 0x10000 + i * 0x20000,
+                                            self.regions.stacks + i * 0x20000) for i in range(self.ncpu)]
+        handlers = idt_handlers(image, self.kvashadow)
+        self.current = [self.system.threads[1]]
+        if self.ncpu > 1:
+            self.user_proc = next(p for p in self.procs if p.name == "explorer.exe")
+            self.current.append(self.user_proc.threads[0])
+            self.user_entry = self.pb.user_code(self.user_proc)
+        for c, t in zip(self.cpus, self.current):
+            cpumod.write_processor(self.L, kmem, c, handlers, t.ethread, self.system.threads[0].ethread,
+                                   self.kvashadow)
 
-    for p in procs:
-        pb.write(p, kvashadow)
-    pb.link_list(image.va("PsActiveProcessHead"))
+    def globals(self) -> None:
+        """The kernel's global variables the tools look for."""
+        image, kmem, om = self.image, self.kmem, self.om
 
-    def put(name: str, data: bytes) -> None:
-        image.put(name, data)
-        kmem.write(image.va(name), data)
-    put("PsInitialSystemProcess", struct.pack("<Q", system.eprocess))
-    put("PspCidTable", struct.pack("<Q", cid.va))
-    put("ObpKernelHandleTable", struct.pack("<Q", system.table.va))
-    put("ObTypeIndexTable", om.type_index_table())
-    put("ObpInfoMaskToOffset", om.info_mask_to_offset())
-    put("NtBuildNumber", struct.pack("<I", 0xF0000000 | L.build))
-    if om.cookie is not None:
-        put("ObHeaderCookie", bytes([om.cookie]))
-    if "KiKvaShadow" in image.symbols:
-        put("KiKvaShadow", bytes([1 if kvashadow else 0]))
-    for name, value in (("ObpRootDirectoryObject", root.body), ("ObpTypeObjectType", om.type_objects["Type"])):
-        if name in image.symbols:
-            put(name, struct.pack("<Q", value))
-    phys.write(kuser_pa, kuser_shared_data(L.build, ram // PAGE, 0x01D9_0000_0000_0000 + rng.randrange(1 << 40), ncpu))
+        def put(name: str, data: bytes) -> None:
+            image.put(name, data)
+            kmem.write(image.va(name), data)
+        put("PsInitialSystemProcess", struct.pack("<Q", self.system.eprocess))
+        put("PspCidTable", struct.pack("<Q", self.cid.va))
+        put("ObpKernelHandleTable", struct.pack("<Q", self.system.table.va))
+        put("ObTypeIndexTable", om.type_index_table())
+        put("ObpInfoMaskToOffset", om.info_mask_to_offset())
+        put("NtBuildNumber", struct.pack("<I", 0xF0000000 | self.L.build))
+        if om.cookie is not None:
+            put("ObHeaderCookie", bytes([om.cookie]))
+        if "KiKvaShadow" in image.symbols:
+            put("KiKvaShadow", bytes([1 if self.kvashadow else 0]))
+        for name, value in (("ObpRootDirectoryObject", self.root.body),
+                            ("ObpTypeObjectType", om.type_objects["Type"])):
+            if name in image.symbols:
+                put(name, struct.pack("<Q", value))
+        systime = 0x01D9_0000_0000_0000 + self.rng.randrange(1 << 40)
+        self.phys.write(self.kuser_pa, kuser_shared_data(self.L.build, self.ram // PAGE, systime, self.ncpu))
 
-    # address spaces: kernel half shared, self-reference per PML4, KVA shadow user CR3s
-    self_ref = regions.self_ref
-    kernel_half = kernel_pml4_kernel_half(system_space)
-    system_space.set_pml4e(self_ref, dtb | P | RW | A | D | NX)
-    for p in procs:
-        if p.pid == 4:
-            continue
-        for i, e in enumerate(kernel_half):
-            p.space.set_pml4e(256 + i, e)
-        p.space.set_pml4e(self_ref, p.space.pml4 | P | RW | A | D | NX)
+    def address_spaces(self) -> None:
+        """Kernel half shared by every PML4, a self-reference in each; KVA-shadow user CR3s."""
+        kernel_half = [self.space.pml4e(i) for i in range(256, 512)]
+        entry = lambda pml4: pml4 | P | RW | A | D | NX
+        for p in self.procs:
+            if p.pid != 4:
+                for i, e in enumerate(kernel_half):
+                    p.space.set_pml4e(256 + i, e)
+            p.space.set_pml4e(self.regions.self_ref, entry(p.space.pml4))
+        if not self.kvashadow:
+            return
+        data = [va for c in self.cpus for va in c.shadow_pages]
+        shadow = shadow_kernel(self.kmem, kvascode_pages(self.image), data)
+        for p in self.procs[1:]:
+            p.user_space = user_space(self.phys, p.space, shadow)
+            at = p.eprocess + self.L.off("_EPROCESS", "Pcb.UserDirectoryTableBase")
+            self.kmem.u64(at, p.user_dtb)
 
-    vcpus = []
-    entry = image.va(entry_symbol(scenario))
-    for c, t in zip(cpus, current):
-        owner = next(p for p in procs if t in p.threads)
-        vcpus.append({"index": c.index, "cpl": 0, "cr3": owner.dtb if c.index == 0 else owner.dtb,
-                      "gs_base": c.kpcr, "k_gs_base": 0, "kpcr": c.kpcr, "thread": t.ethread,
-                      "tid": t.tid, "pid": owner.pid, "rip": entry, "rsp": c.stack_top,
-                      "gdt": c.gdt, "idt": c.idt, "_cpu": c})
+    def paged_out(self) -> None:
+        """A few paged-pool pages on the standby list (transition PTEs) that tools must follow."""
 
-    loader, lowstub = assemble_loader(vcpus, dtb, stub_alias, entry, image, kvashadow, L)
-    phys_blob = bytes(phys.data)
-    truth = make_truth(file_key, profile, scenario, seed, guid_mode, guid_str, age, image, dtb, procs,
-                       world, om, vcpus, system, cid, L)
-    for v in vcpus:
-        v.pop("_cpu")
-    guest_json = {"format": 1, "ram_mib": ram >> 20, "smp": ncpu, "blob_base": BLOB_BASE,
-                  "files": {"kernel": "loader.bin", "blob": "memory.bin", "disk": "disk.qcow2"},
-                  "low_stub": LOW_STUB, "runtime_pages": [],
-                  "vcpus": [{"cpl": v["cpl"], "rip_range": [image.base, image.base + len(image.data)]}
-                            for v in vcpus]}
-    return {"loader.bin": loader, "memory.bin": phys_blob, "lowstub": lowstub, "ram": ram,
-            "truth": truth, "guest": guest_json, "symbols": build_isf(profile, image, guid_str, age)}
+    def vcpu_records(self) -> list[dict]:
+        out = []
+        entry = self.image.va(entry_symbol(self.scenario))
+        for c, t in zip(self.cpus, self.current):
+            owner = next(p for p in self.procs if t in p.threads)
+            v = {"index": c.index, "cpl": 0, "cr3": owner.dtb, "gs_base": c.kpcr, "k_gs_base": 0,
+                 "kpcr": c.kpcr, "thread": t.ethread, "tid": t.tid, "pid": owner.pid, "rip": entry,
+                 "rsp": c.stack_top}
+            if c.index == 1:
+                rip, rsp = self.user_entry
+                v.update(cpl=3, cr3=owner.user_dtb or owner.dtb, gs_base=t.teb, k_gs_base=c.kpcr,
+                         rip=rip, rsp=rsp)
+            out.append(v)
+        return out
+
+    def outputs(self) -> dict:
+        image = self.image
+        vcpus = self.vcpu_records()
+        boot = []
+        for c, v in zip(self.cpus, vcpus):
+            b = {"gdt": c.gdt, "idt": c.idt, "gs": v["gs_base"], "kgs": v["k_gs_base"], "cr3": v["cr3"],
+                 "rsp": v["rsp"], "rip": v["rip"], "mode": 0, "exit": 0}
+            if v["cpl"] == 3:
+                frame = c.transition_stack - 0x28
+                self.kmem.write(frame, iret_frame(v["rip"], v["rsp"]))
+                b.update(rsp=frame, mode=1, exit=iret_exit(image, self.kmem))
+            boot.append(b)
+        loader, lowstub = assemble_loader(boot, self.dtb, self.stub_alias, image, self.kvashadow)
+        truth = make_truth(self.file_key, self.profile, self.scenario, self.seed, self.guid_mode, self.guid,
+                           self.age, image, self.dtb, self.procs, self.world, self.om, vcpus, self.system,
+                           self.cid, self.L)
+        ranges = [[image.base, image.base + len(image.data)]]
+        guest_json = {"format": 1, "ram_mib": self.ram >> 20, "smp": self.ncpu, "blob_base": BLOB_BASE,
+                      "files": {"kernel": "loader.bin", "blob": "memory.bin", "disk": "disk.qcow2"},
+                      "low_stub": LOW_STUB, "runtime_pages": [],
+                      "vcpus": [{"cpl": v["cpl"], "rip_range": ranges[0] if v["cpl"] == 0
+                                 else [v["rip"] & ~0xFFF, (v["rip"] & ~0xFFF) + PAGE]} for v in vcpus]}
+        return {"loader.bin": loader, "memory.bin": bytes(self.phys.data), "lowstub": lowstub,
+                "ram": self.ram, "truth": truth, "guest": guest_json,
+                "symbols": build_isf(self.profile, image, self.guid, self.age)}
 
 
 def entry_symbol(scenario: str) -> str:
@@ -229,20 +290,16 @@ def map_image(image, phys: PhysicalMemory, space: AddressSpace, kvashadow: bool)
     return base_pa
 
 
-def assemble_loader(vcpus, dtb, stub_alias, entry, image, kvashadow, L) -> tuple[bytes, bytes]:
+def assemble_loader(cpus: list[dict], dtb: int, stub_alias: int, image, kvashadow: bool) -> tuple[bytes, bytes]:
     """nasm loader.asm with this guest's values; returns loader.bin and its low-stub page."""
-    lstar = image.va("KiSystemCall64Shadow" if kvashadow and "KiSystemCall64Shadow" in image.symbols
-                     else "KiSystemCall64") if "KiSystemCall64" in image.symbols else 0
-    lines = [f"%define KERNEL_CR3 {dtb:#x}", f"%define SMP {len(vcpus)}",
+    syscall = "KiSystemCall64Shadow" if kvashadow and "KiSystemCall64Shadow" in image.symbols else "KiSystemCall64"
+    lstar = image.va(syscall) if syscall in image.symbols else 0
+    lines = [f"%define KERNEL_CR3 {dtb:#x}", f"%define SMP {len(cpus)}",
              f"%define LSTAR {lstar:#x}", f"%define VAL_CR0 {cpumod.CR0:#x}",
              f"%define VAL_CR4 {cpumod.CR4:#x}", f"%define VAL_EFER {cpumod.EFER & ~0x400:#x}"]
-    for v in vcpus:
-        c = v["_cpu"]
-        i = v["index"]
-        vals = {"GDT": c.gdt, "GDT_LIMIT": cpumod.GDT_LIMIT, "IDT": c.idt, "IDT_LIMIT": cpumod.IDT_LIMIT,
-                "GS": v["gs_base"], "KGS": v["k_gs_base"], "CR3": v["cr3"], "RSP": v["rsp"],
-                "RIP": v["rip"], "MODE": 0, "EXIT": 0}
-        lines += [f"%define CPU{i}_{k} {val:#x}" for k, val in vals.items()]
+    for i, c in enumerate(cpus):
+        vals = dict(c, gdt_limit=cpumod.GDT_LIMIT, idt_limit=cpumod.IDT_LIMIT)
+        lines += [f"%define CPU{i}_{k.upper()} {val:#x}" for k, val in vals.items()]
     lines.append(f"%define STUB_ALIAS {stub_alias:#x}")
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

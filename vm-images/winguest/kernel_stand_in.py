@@ -40,7 +40,9 @@ def build_kernel_image(profile, *, guid, age, base, rng, size_hint=None):
     for i in range(256):
         syms[f"KiIdtHandler{i:02X}"] = 0x2000 + i * 16
         data[0x2000+i*16:0x2000+i*16+2] = b"\xeb\xfe"
-    secs = [Section(".text", 0x1000, 0x7ef000, 0x60000020), Section(".data", 0x7f0000, size-0x7f0000, 0xC0000040)]
+    data[0x3000:0x4000] = b"\xcc" * 0x1000
+    secs = [Section(".text", 0x1000, 0x2000, 0x60000020), Section("KVASCODE", 0x3000, 0x1000, 0x60000020),
+            Section(".text", 0x4000, 0x7ec000, 0x60000020), Section(".data", 0x7f0000, size-0x7f0000, 0xC0000040)]
     return KernelImage(base, data, syms, {}, secs)
 
 

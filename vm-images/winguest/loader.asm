@@ -233,7 +233,8 @@ ap_pm:
     mov ss, ax
     mov esp, ap_stack_top
     mov ebx, LOWSTUB + (cpu1 - lowstub_image)
-    jmp LOWSTUB + (pm_to_long - lowstub_image)
+    mov eax, LOWSTUB + (pm_to_long - lowstub_image)
+    jmp eax                         ; absolute: this page runs at 0x1000, not where it was assembled
 
     times 0x1000 - ($ - lowstub_image) db 0xCC
 lowstub_end:

@@ -115,6 +115,16 @@ class ProcessBuilder:
         self.processes.append(proc)
         return proc
 
+    def user_code(self, proc: Process) -> tuple[int, int]:
+        """A code page in the process image (spinning `pause; jmp`) and a stack: (rip, rsp)."""
+        image = self.rng.randrange(0x7FF60000, 0x7FF7FFFF) << 16
+        code = self._user_page(proc, image + 0x1000, write=False, execute=True)
+        at = self.rng.randrange(0x10, 0x800) & ~0xF
+        self.phys.write(code + at, bytes.fromhex("f390ebfc"))
+        stack = proc.peb - 0x100000
+        self._user_page(proc, stack)
+        return image + 0x1000 + at, stack + PAGE - 0x48
+
     def version_triplet(self) -> tuple[int, int, int]:
         b = self.L.build
         major, minor = (6, 1) if b < 9200 else (6, 2) if b < 9600 else (6, 3) if b < 10240 else (10, 0)
