@@ -3,7 +3,7 @@
 For kernels we have no symbols for: the instructions that reach a global name it through a
 RIP-relative operand, e.g. `mov rcx, [rip+PspCidTable]` in PsLookupProcessByProcessId or
 `movzx ecx, byte ptr [rip+ObHeaderCookie]` in ObGetObjectType. A function that only calls
-the one doing the work is followed one call deep.
+the one doing the work is followed one call (or tail jump) deep.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import capstone
 from capstone import x86
 
 CODE_BYTES = 0x300          # how much of a function is decoded
+MASK64 = (1 << 64) - 1
 FOLLOW_CALLS = 4            # callees examined when the function itself has no match
 
 Reader = Callable[[int, int], bytes]
@@ -36,8 +37,9 @@ _engine = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _engine.detail = True
 
 
-def decode(read: Reader, address: int) -> list[Insn]:
-    """Linear decode from address up to padding (int3) or CODE_BYTES; unreadable tail ignored."""
+def decode(read: Reader, address: int, stop_at_ret: bool = False) -> list[Insn]:
+    """Linear decode from address up to padding (int3), CODE_BYTES, or the first `ret` when
+    asked (for straight-line functions); an unreadable tail is ignored."""
     code = b""
     for size in (CODE_BYTES, 0x100, 0x40):
         try:
@@ -59,10 +61,12 @@ def decode(read: Reader, address: int) -> list[Insn]:
                     memory_base = op.mem.base
             elif op.type == x86.X86_OP_REG and index == 0:
                 register = op.reg
-            elif op.type == x86.X86_OP_IMM and insn.mnemonic == "call":
-                call_target = op.imm
+            elif op.type == x86.X86_OP_IMM and insn.mnemonic in ("call", "jmp"):
+                call_target = op.imm & MASK64   # a call, or a tail call into the worker routine
         result.append(Insn(insn.address, insn.mnemonic, f"{insn.mnemonic} {insn.op_str}",
                            rip_target, register, memory_base, memory_size, call_target))
+        if stop_at_ret and insn.mnemonic == "ret":
+            break
     return result
 
 
@@ -107,7 +111,7 @@ def first_qword_load(read: Reader, address: int) -> int | None:
 
 def type_table_and_cookie(read: Reader, address: int) -> tuple[int | None, int | None]:
     """(ObTypeIndexTable, ObHeaderCookie) from ObGetObjectType: the `lea` and the byte load."""
-    body = decode(read, address)
+    body = decode(read, address, stop_at_ret=True)
     table = next((i.rip_target for i in body if i.mnemonic == "lea" and i.rip_target is not None), None)
     cookie = next((i.rip_target for i in body if i.mnemonic == "movzx" and i.rip_target is not None
                    and i.memory_size == 1), None)
