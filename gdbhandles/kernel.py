@@ -251,7 +251,7 @@ def choose_layout(image: pe.PeImage, build: int, isf: str | None) -> tuple[layou
         isf_layout = layouts.IsfLayout(data, isf, build, with_symbols=matches)
         if matches:
             return isf_layout, isf_layout
-    same_build = layouts.for_build(build)
+    same_build = layouts.for_build(build, image.file_version[3] if image.file_version else None)
     if same_build is not None:
         return same_build, isf_layout if isf_layout and isf_layout.symbols else None
     if isf_layout is not None:

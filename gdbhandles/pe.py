@@ -14,7 +14,9 @@ from gdbhandles.errors import HandleError, NotWindows
 
 MACHINE_AMD64 = 0x8664
 PE32_PLUS = 0x20B
-DIR_EXPORT, DIR_DEBUG = 0, 6
+DIR_EXPORT, DIR_RESOURCE, DIR_DEBUG = 0, 2, 6
+RT_VERSION = 16
+FIXED_FILE_INFO = struct.pack("<I", 0xFEEF04BD)
 DEBUG_CODEVIEW = 2
 MAX_EXPORTS = 20000
 
@@ -44,6 +46,7 @@ class PeImage:
     pdb_name: str | None = None
     guid: str | None = None                   # 32 hex digits, as PDB servers and ISFs print it
     age: int | None = None
+    file_version: tuple[int, int, int, int] | None = None   # VS_FIXEDFILEINFO: 10.0.19041.329
 
     def section_of(self, rva: int) -> Section | None:
         return next((s for s in self.sections if s.rva <= rva < s.rva + max(s.size, 1)), None)
@@ -85,7 +88,7 @@ def parse(read: Reader) -> PeImage:
         characteristics, = struct.unpack_from("<I", table, 40 * i + 36)
         sections.append(Section(name.rstrip(b"\0").decode("ascii", "replace"), rva, vsize, characteristics))
     image = PeImage(size_of_image, image_base, sections, directories)
-    for reader in (_read_exports, _read_codeview):
+    for reader in (_read_exports, _read_codeview, _read_version):
         try:
             reader(read, image)
         except HandleError:
@@ -144,6 +147,29 @@ def _read_codeview(read: Reader, image: PeImage) -> None:
         image.age, = struct.unpack_from("<I", record, 20)
         image.pdb_name = record[24:].split(b"\0", 1)[0].decode("ascii", "replace")
         return
+
+
+def _read_version(read: Reader, image: PeImage) -> None:
+    """FileVersion of the RT_VERSION resource (type → first name → first language → data)."""
+    root, _size = _directory(image, DIR_RESOURCE)
+    if not root:
+        return
+    offset = 0
+    for level in range(3):
+        named, ids = struct.unpack("<HH", read(root + offset + 12, 4))
+        entries = read(root + offset + 16, 8 * (named + ids))
+        pairs = [struct.unpack_from("<II", entries, 8 * i) for i in range(named + ids)]
+        if level == 0:
+            pairs = [pair for pair in pairs[named:] if pair[0] == RT_VERSION]
+        if not pairs or bool(pairs[0][1] & 0x80000000) != (level < 2):
+            return
+        offset = pairs[0][1] & 0x7FFFFFFF
+    data_rva, data_size = struct.unpack("<II", read(root + offset, 8))
+    blob = read(data_rva, min(data_size, 0x400))
+    at = blob.find(FIXED_FILE_INFO)
+    if at >= 0:
+        high, low = struct.unpack_from("<II", blob, at + 8)
+        image.file_version = (high >> 16, high & 0xFFFF, low >> 16, low & 0xFFFF)
 
 
 def format_guid(raw: bytes) -> str:

@@ -22,6 +22,8 @@ def test_same_build_without_guid_has_no_symbols():
     layout = layouts.for_build(9600)
     assert layout.version.startswith("6.3.9600.") and layout.symbols == {}
     assert layouts.for_build(12345) is None
+    assert layouts.for_build(19041, 900).version == "10.0.19041.867"          # nearest revision
+    assert layouts.for_build(19041).version == "10.0.19041.3570"
 
 
 def test_members_a_build_lacks_are_not_borrowed():

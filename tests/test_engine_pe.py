@@ -71,6 +71,14 @@ def image():
     struct.pack_into("<4I", img, RDATA + 0x38, *name_rvas)
     struct.pack_into("<4H", img, RDATA + 0x48, 0, 1, 2, 3)
     img[RDATA + 0x80:RDATA + 0x80 + len(strings)] = strings
+    rsrc = RDATA + 0x400                                                 # RT_VERSION → name 1 → 0x409
+    struct.pack_into("<II", img, opt + 112 + 2 * 8, rsrc, 0x200)
+    struct.pack_into("<12xHHII", img, rsrc, 0, 1, 16, 0x80000018)
+    struct.pack_into("<12xHHII", img, rsrc + 0x18, 0, 1, 1, 0x80000030)
+    struct.pack_into("<12xHHII", img, rsrc + 0x30, 0, 1, 0x409, 0x48)
+    struct.pack_into("<II", img, rsrc + 0x48, rsrc + 0x100, 0x60)
+    img[rsrc + 0x100:rsrc + 0x128] = b"\x5c\x03\x34\x00\x00\x00V\0S\0_\0V\0E\0R\0S\0I\0O\0N\0_\0I\0N\0F\0O\0\0\0"[:0x28]
+    struct.pack_into("<IIII", img, rsrc + 0x128, 0xFEEF04BD, 0x10000, 10 << 16, 19041 << 16 | 329)
     record = b"RSDS" + GUID.bytes_le + struct.pack("<I", 3) + b"ntkrnlmp.pdb\0"
     struct.pack_into("<IIHHIII", img, RDATA + 0x180, 0, 0, 0, 0, 2, len(record), RDATA + 0x200)
     img[RDATA + 0x200:RDATA + 0x200 + len(record)] = record
@@ -99,6 +107,7 @@ def test_headers_sections_exports_and_codeview():
                               "ObQueryNameString": TEXT + 0x300, "PsLookupProcessByProcessId": TEXT + 0x100}
     assert (parsed.guid, parsed.age, parsed.pdb_name) == (GUID.hex.upper(), 3, "ntkrnlmp.pdb")
     assert parsed.guid == "BBED7C2955FBE4522AAA23F4B8677AD9"
+    assert parsed.file_version == (10, 0, 19041, 329)
 
 
 def test_not_a_pe():
