@@ -183,9 +183,13 @@ class Guest:
         off = self.b(self.truth["globals"]["ObpInfoMaskToOffset"] + (mask & 3))
         return self.ustr(header - off + 8)
 
-    def handles(self, proc: dict) -> list[dict]:
+    def page_handles(self, proc: dict, page: int) -> list[dict]:
+        """Records of a level-0 table page's entries read from another address (churn states)."""
+        return self.handles(proc, [(i * 4, page + i * 16) for i in range(256)])
+
+    def handles(self, proc: dict, entries=None) -> list[dict]:
         out = []
-        for value, at in self.table_entries(proc["handle_table"]):
+        for value, at in entries or self.table_entries(proc["handle_table"]):
             e = None if value % 1024 == 0 else self.entry(at)
             if e is None:
                 continue

@@ -9,7 +9,7 @@ import pytest
 from pygdbmi.gdbcontroller import GdbController
 
 from boot import QMP
-from guest_check import Guest, check_guest
+from guest_check import Guest, Raw, check_guest
 
 pytestmark = pytest.mark.integration
 
@@ -75,16 +75,27 @@ def test_registers_and_structures_through_gdb(booted_guest, profile):
         gdb.close()
 
 
-def test_pmemsave_equals_memory_raw(booted_guest, tmp_path):
-    g = booted_guest("19041")
+def pmemsave(g, path, q=None):
+    """Stop the guest and dump all its RAM (QMP allows one client: pass the open one)."""
     cfg = json.loads((g.dir / "guest.json").read_text())
-    q = QMP(g.qmp)
+    own = q is None
+    q = q or QMP(g.qmp)
     try:
         q.execute("stop")
-        dump = tmp_path / "dump.raw"
-        q.execute("pmemsave", val=0, size=cfg["ram_mib"] << 20, filename=str(dump))
+        q.execute("pmemsave", val=0, size=cfg["ram_mib"] << 20, filename=str(path))
     finally:
-        q.close()
+        if own:
+            q.close()
+    return path
+
+
+@pytest.mark.parametrize("profile,scenario", [("19041", "default"), ("7601", "default"), ("22000", "default"),
+                                              ("19041", "level2"), ("19041", "kpti"),
+                                              pytest.param("19041", "big", marks=pytest.mark.slow)])
+def test_pmemsave_equals_memory_raw(booted_guest, tmp_path, profile, scenario):
+    g = booted_guest(profile, scenario)
+    cfg = json.loads((g.dir / "guest.json").read_text())
+    dump = pmemsave(g, tmp_path / "dump.raw")
     got, want = dump.read_bytes(), (g.dir / "memory.raw").read_bytes()
     assert len(got) == len(want)
     blob = (g.dir / "memory.bin").stat().st_size
@@ -119,3 +130,32 @@ def test_kpti_second_vcpu_in_user_mode(booted_guest):
         assert gdb.reg("cr3") == t["kernel_dtb"]
     finally:
         gdb.close()
+
+
+def test_churn_flips_between_the_two_states(booted_guest, tmp_path):
+    """The live table page is state A or B whenever the seqlock counter is even."""
+    g = booted_guest("19041", "churn")
+    c = g.truth["churn"]
+    proc = next(p for p in g.truth["processes"] if p["pid"] == c["pid"])
+    seen = {}
+    q = QMP(g.qmp)
+    try:
+        for attempt in range(200):
+            time.sleep(0.002 * (attempt % 10))
+            dump = pmemsave(g, tmp_path / "dump.raw", q)
+            raw = Raw(dump)
+            try:
+                guest = Guest(raw, g.truth)
+                counter = guest.q(c["counter"])
+                if counter % 2 == 0:
+                    state = "A" if (counter // 2) % 2 == 0 else "B"
+                    assert guest.handles(proc) == c["states"][state], f"counter {counter}"
+                    seen[state] = counter
+            finally:
+                raw.close()
+            if len(seen) == 2:
+                break
+            q.execute("cont")
+    finally:
+        q.close()
+    assert set(seen) == {"A", "B"} and max(seen.values()) > 0

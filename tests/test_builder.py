@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from guest_check import check_guest
+from guest_check import Guest, Raw, check_guest
 from winguest.guest import build, write
 from winguest.profiles import all_profiles
 
@@ -14,6 +14,36 @@ from winguest.profiles import all_profiles
 def test_default_guest_matches_truth(built_guest, profile):
     d = built_guest(profile)
     check_guest(d / "memory.raw", json.loads((d / "truth.json").read_text()))
+
+
+@pytest.mark.parametrize("scenario", ["level2", "kpti", "churn", "big"])
+def test_scenarios_match_truth(built_guest, scenario):
+    d = built_guest("19041", scenario)
+    truth = json.loads((d / "truth.json").read_text())
+    check_guest(d / "memory.raw", truth)
+    levels = {p["level"] for p in truth["processes"]}
+    pids = {p["pid"] for p in truth["processes"]}
+    if scenario == "level2":
+        assert 2 in levels
+        assert max(h["handle"] for h in truth["handles"]) > 131072 * 4
+    if scenario == "big":
+        assert len(truth["processes"]) >= 200 and len(truth["handles"]) >= 50000
+    if scenario == "kpti":
+        assert [v["cpl"] for v in truth["vcpus"]] == [0, 3]
+        assert all(p["user_dtb"] for p in truth["processes"] if p["pid"] != 4)
+    if scenario == "churn":
+        c = truth["churn"]
+        assert c["pid"] in pids and c["states"]["A"] != c["states"]["B"]
+        raw = Raw(d / "memory.raw")
+        try:
+            g = Guest(raw, truth)
+            proc = next(p for p in truth["processes"] if p["pid"] == c["pid"])
+            assert g.page_handles(proc, c["state_a"]) == c["states"]["A"]
+            assert g.page_handles(proc, c["state_b"]) == c["states"]["B"]
+            assert g.q(c["counter"]) == 0
+            assert [h for h in truth["handles"] if h["pid"] == c["pid"]] == c["states"]["A"]
+        finally:
+            raw.close()
 
 
 def test_same_inputs_same_bytes():

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cpu as cpumod
+from .churn import lay_out as churn_lay_out
 from .handles import HandleTable
 try:
     from .isf import build_isf
@@ -20,7 +21,7 @@ except ImportError:     # until the kernel image engineer's modules land
     from .kernel_stand_in import build_isf, build_kernel_image
 from .kobjects import Catalog
 from .objects import ObjectManager
-from .paging import A, D, NX, P, RW, AddressSpace
+from .paging import MM_READWRITE, A, D, NX, P, RW, AddressSpace
 from .physmem import PAGE, PhysicalMemory
 from .processes import Process, ProcessBuilder, Thread
 from .profiles import Layout, find_profile
@@ -50,6 +51,7 @@ class World:
     pools: dict[str, Pool]
     kvashadow: bool
     tables: list[HandleTable] = field(default_factory=list)
+    churn: tuple | None = None          # (process, its table's state B) in the churn scenario
 
     def process(self, name: str, pid: int, ppid: int, exiting: bool = False) -> Process:
         p = self.pb.create(name, pid, ppid, system=pid == 4, exiting=exiting)
@@ -88,6 +90,9 @@ class GuestBuilder:
         self.ram = (512 if scenario in ("big", "level2") else 256) << 20
         self.kvashadow = self.L.has_kpti
         self.regions = choose_regions(self.L.build, self.rng)
+        self.image_names = IMAGE_NAMES
+        self.runtime_pages: list[int] = []
+        self.extra_truth: dict = {}
 
     def run(self) -> dict:
         self.memory()
@@ -95,6 +100,8 @@ class GuestBuilder:
         self.procs = SCENARIOS[self.scenario](Population(self.world, self.rng))
         self.system = self.procs[0]
         self.handle_tables()
+        if self.world.churn:
+            self.extra_truth["churn"] = churn_lay_out(self, *self.world.churn)
         self.processors()
         for p in self.procs:
             self.pb.write(p, self.kvashadow)
@@ -213,11 +220,26 @@ class GuestBuilder:
             self.kmem.u64(at, p.user_dtb)
 
     def paged_out(self) -> None:
-        """A few paged-pool pages on the standby list (transition PTEs) that tools must follow."""
+        """Paged-pool pages on the standby list (transition PTEs: data still there, tools must
+        follow them) and a few paged out to the page file (nothing references those)."""
+        rng, kmem = self.rng, self.kmem
+        churning = self.world.churn[0] if self.world.churn else None
+        users = [p for p in self.procs[1:] if p.table is not None and p is not churning]
+        picks = {users[len(users) // 2].table.pages[0]}
+        named = [e.obj for p in users for _, e in p.table.used if e.obj.type == "Key"]
+        if named:
+            kcb_page = kmem.read(rng.choice(named).body + self.L.off("_CM_KEY_BODY", "KeyControlBlock"), 8)
+            picks.add(int.from_bytes(kcb_page, "little") & ~0xFFF)
+        for va in sorted(picks):
+            kmem.make_transition(va)
+        pool = self.pools["paged"]
+        for i in range(3):
+            va = pool.next_page + (i + 1) * PAGE
+            self.space.set_pte(va, (rng.randrange(1, 1 << 20) << 32) | (1 << 12) | (MM_READWRITE << 5))
 
     def vcpu_records(self) -> list[dict]:
         out = []
-        entry = self.image.va(entry_symbol(self.scenario))
+        entry = self.image.va(IMAGE_NAMES["churn" if self.scenario == "churn" else "idle"])
         for c, t in zip(self.cpus, self.current):
             owner = next(p for p in self.procs if t in p.threads)
             v = {"index": c.index, "cpl": 0, "cr3": owner.dtb, "gs_base": c.kpcr, "k_gs_base": 0,
@@ -245,11 +267,11 @@ class GuestBuilder:
         loader, lowstub = assemble_loader(boot, self.dtb, self.stub_alias, image, self.kvashadow)
         truth = make_truth(self.file_key, self.profile, self.scenario, self.seed, self.guid_mode, self.guid,
                            self.age, image, self.dtb, self.procs, self.world, self.om, vcpus, self.system,
-                           self.cid, self.L)
+                           self.cid, self.L, {"transition_pages": self.kmem.transition, **self.extra_truth})
         ranges = [[image.base, image.base + len(image.data)]]
         guest_json = {"format": 1, "ram_mib": self.ram >> 20, "smp": self.ncpu, "blob_base": BLOB_BASE,
                       "files": {"kernel": "loader.bin", "blob": "memory.bin", "disk": "disk.qcow2"},
-                      "low_stub": LOW_STUB, "runtime_pages": [],
+                      "low_stub": LOW_STUB, "runtime_pages": sorted(set(self.runtime_pages)),
                       "vcpus": [{"cpl": v["cpl"], "rip_range": ranges[0] if v["cpl"] == 0
                                  else [v["rip"] & ~0xFFF, (v["rip"] & ~0xFFF) + PAGE]} for v in vcpus]}
         return {"loader.bin": loader, "memory.bin": bytes(self.phys.data), "lowstub": lowstub,
@@ -257,12 +279,13 @@ class GuestBuilder:
                 "symbols": build_isf(self.profile, image, self.guid, self.age)}
 
 
-def entry_symbol(scenario: str) -> str:
-    return "KiIdleLoop"
+# Names of the kernel image's symbols the guest runs or fills (besides the real globals).
+IMAGE_NAMES = {"idle": "KiIdleLoop", "churn": "KiGuestChurn", "churn_params": "KiGuestChurnParameters",
+               "idt": "KiIdtHandler{:02X}"}
 
 
 def idt_handlers(image, kvashadow: bool) -> list[int]:
-    return [image.va(f"KiIdtHandler{i:02X}") for i in range(256)]
+    return [image.va(IMAGE_NAMES["idt"].format(i)) for i in range(256)]
 
 
 def map_image(image, phys: PhysicalMemory, space: AddressSpace, kvashadow: bool) -> int:

@@ -97,17 +97,24 @@ class HandleTable:
             kmem.write(top, struct.pack(f"<{len(mids)}Q", *mids))
             self.table_code = top | 2
         self.next_handle_needing_pool = n * LOW * 4
-        free_idx = [i for i in range(1, n * LOW) if i % LOW and i not in self.slots]
-        freed = [v // 4 for v in self.freed if v // 4 not in self.slots]
-        chain = self.rng.sample(freed, len(freed)) + [i for i in free_idx if i not in set(freed)]
-        self._write_entries(kmem, chain)
+        chain = self.free_chain()
+        for p, data in self.render(chain).items():
+            kmem.write(self.pages[p], data)
         self.va = struct_va or pool.alloc(L.size("_HANDLE_TABLE"), b"Obtb")
         self._write_struct(kmem, chain)
+
+    def free_chain(self) -> list[int]:
+        """Free slots in free-list order: closed handles (most recent first), then never used."""
+        freed = [v // 4 for v in reversed(self.freed) if v // 4 not in self.slots]
+        seen = set(freed)
+        return freed + [i for i in range(1, self.npages * LOW)
+                        if i % LOW and i not in self.slots and i not in seen]
 
     def entry_va(self, index: int) -> int:
         return self.pages[index // LOW] + (index % LOW) * 16
 
-    def _write_entries(self, kmem: KernelMemory, chain: list[int]) -> None:
+    def render(self, chain: list[int]) -> dict[int, bytes]:
+        """The low-level pages' bytes (entries and free links), by page index."""
         L = self.layout
         buf = {p: bytearray(4096) for p in range(len(self.pages))}
         for p in buf:
@@ -137,8 +144,7 @@ class HandleTable:
             else:
                 L.put(b, at, "_HANDLE_TABLE_ENTRY", "NextFreeHandleEntry",
                       0 if nxt is None else self.entry_va(nxt))
-        for p, data in buf.items():
-            kmem.write(self.pages[p], bytes(data))
+        return {p: bytes(data) for p, data in buf.items()}
 
     def _write_struct(self, kmem: KernelMemory, chain: list[int]) -> None:
         L = self.layout

@@ -37,6 +37,9 @@ def build_kernel_image(profile, *, guid, age, base, rng, size_hint=None):
     # lock inc qword [rip+X]; jmp
     data[code+0x10:code+0x20] = bytes([0x48,0xff,0x05]) + struct.pack("<i", 0x7f0000 - (code+0x17)) + bytes([0xeb,0xf7])
     syms["KiGuestCounter"] = 0x7f0000 + code
+    syms["KiGuestChurnParameters"] = 0x7f0100
+    syms["KiGuestChurn"] = code + 0x40
+    data[code + 0x40:code + 0x40 + 0x100] = _churn_code(code + 0x40, 0x7f0100)
     for i in range(256):
         syms[f"KiIdtHandler{i:02X}"] = 0x2000 + i * 16
         data[0x2000+i*16:0x2000+i*16+2] = b"\xeb\xfe"
@@ -48,3 +51,59 @@ def build_kernel_image(profile, *, guid, age, base, rng, size_hint=None):
 
 def build_isf(profile, image, guid, age):
     return {}
+
+
+CHURN_ASM = """bits 64
+org %(org)#x
+params equ %(params)#x
+    lea rbx, [rel $$ + (params - %(org)#x)]
+.loop:
+    mov rsi, [rbx + 0x10]
+    mov r9d, [rbx + 0x34]
+    call copy
+    mov rsi, [rbx + 0x08]
+    mov r9d, [rbx + 0x30]
+    call copy
+    jmp .loop
+copy:
+    mov rdx, [rbx + 0x20]
+    lock inc qword [rdx]
+    mov rdi, [rbx]
+    mov rcx, [rbx + 0x18]
+.entry:
+    mov rax, [rsi]
+    mov [rdi], rax
+    mov rax, [rsi + 8]
+    mov [rdi + 8], rax
+    add rsi, 16
+    add rdi, 16
+    mov r8, [rbx + 0x38]
+.delay:
+    pause
+    dec r8
+    jnz .delay
+    dec rcx
+    jnz .entry
+    mov rdx, [rbx + 0x28]
+    test rdx, rdx
+    jz .done
+    mov [rdx], r9d
+.done:
+    mov rdx, [rbx + 0x20]
+    lock inc qword [rdx]
+    mov r8, [rbx + 0x38]
+    shl r8, 8
+.hold:
+    pause
+    dec r8
+    jnz .hold
+    ret
+"""
+
+
+def _churn_code(org, params):
+    import subprocess, tempfile, os
+    with tempfile.TemporaryDirectory() as t:
+        open(os.path.join(t, "c.asm"), "w").write(CHURN_ASM % {"org": org, "params": params})
+        subprocess.run(["nasm", "-f", "bin", "-o", os.path.join(t, "c.bin"), os.path.join(t, "c.asm")], check=True)
+        return open(os.path.join(t, "c.bin"), "rb").read()

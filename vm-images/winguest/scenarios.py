@@ -234,4 +234,13 @@ def level2(pop: Population) -> list:
     return procs
 
 
-SCENARIOS = {"default": default, "kpti": default, "churn": default, "big": big, "level2": level2}
+def churn(pop: Population) -> list:
+    """default; one svchost.exe's table page flips between two states while the guest runs."""
+    from .churn import state_b
+    procs = default(pop)
+    proc = next(p for p in procs if p.name == "svchost.exe")
+    pop.w.churn = (proc, state_b(pop, proc))
+    return procs
+
+
+SCENARIOS = {"default": default, "kpti": default, "churn": churn, "big": big, "level2": level2}

@@ -15,10 +15,11 @@ def process_record(p) -> dict:
             "threads": [{"tid": th.tid, "ethread": th.ethread} for th in p.threads]}
 
 
-def handle_records(p) -> list[dict]:
+def handle_records(p, table=None) -> list[dict]:
+    """Records of p's handles (of `table` if given: another state of p's table)."""
     return [{"pid": p.pid, "process": p.name, "handle": value, "object": e.obj.body, "type": e.obj.type,
              "name": e.obj.name, "granted_access": e.access, "attributes": e.attributes}
-            for value, e in p.table.used]
+            for value, e in (table or p.table).used]
 
 
 def invalid_records(p, rng) -> list[dict]:
