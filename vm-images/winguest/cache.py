@@ -1,4 +1,7 @@
-"""Built guests cached by their inputs: vm-images/cache/<hash>/, rebuilt only when missing."""
+"""Built guests cached by their inputs: vm-images/cache/<hash>/, rebuilt only when missing.
+
+The hash covers the build inputs and every source file of the builder and the layout data;
+guests built by older sources are deleted when a new one is built."""
 from __future__ import annotations
 
 import fcntl
@@ -10,30 +13,41 @@ from .guest import build, write
 
 VM_IMAGES = Path(__file__).resolve().parents[1]
 CACHE = VM_IMAGES / "cache"
-SOURCES = [VM_IMAGES / "build.py", *sorted((VM_IMAGES / "winguest").glob("*.py")),
-           VM_IMAGES / "winguest" / "loader.asm", *sorted((VM_IMAGES.parent / "gdbhandles" / "data").glob("*.json"))]
 
 
-def key(profile: str, scenario: str, seed: int, guid: str | None) -> str:
-    h = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}".encode())
-    for src in SOURCES:
+def sources_digest() -> str:
+    files = [VM_IMAGES / "build.py", *sorted((VM_IMAGES / "winguest").glob("*.py")),
+             VM_IMAGES / "winguest" / "loader.asm",
+             *sorted((VM_IMAGES.parent / "gdbhandles" / "data").glob("*.json"))]
+    h = hashlib.sha256()
+    for src in files:
         h.update(src.name.encode() + src.read_bytes())
     return h.hexdigest()[:20]
 
 
 def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: str | None = None) -> Path:
     """The directory of a built guest; builds it (once, under a lock) if missing."""
-    out = CACHE / key(str(profile), scenario, seed, guid)
+    digest = sources_digest()
+    name = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}|{digest}".encode()).hexdigest()[:20]
+    out = CACHE / name
     if (out / "done").exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{out.name}.lock", "w") as lock:
+    with open(CACHE / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "done").exists():
-            tmp = out.with_suffix(".tmp")
+            prune(digest)
+            tmp = CACHE / f"{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             write(tmp, build(str(profile), scenario, seed, guid))
-            (tmp / "done").write_text("")
-            shutil.rmtree(out, ignore_errors=True)
+            (tmp / "done").write_text(digest)
             tmp.rename(out)
     return out
+
+
+def prune(digest: str) -> None:
+    """Remove guests of other builder sources (called under the lock)."""
+    for d in CACHE.iterdir():
+        done = d / "done"
+        if d.is_dir() and (not done.exists() or done.read_text() != digest):
+            shutil.rmtree(d, ignore_errors=True)

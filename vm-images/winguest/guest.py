@@ -15,10 +15,13 @@ from . import cpu as cpumod
 from .churn import lay_out as churn_lay_out
 from .handles import HandleTable
 try:
-    from .isf import build_isf
     from .kernel_image import build_kernel_image
-except ImportError:     # until the kernel image engineer's modules land
-    from .kernel_stand_in import build_isf, build_kernel_image
+except ImportError:     # until kernel_image.py lands
+    from .kernel_stand_in import build_kernel_image
+try:
+    from .isf import build_isf
+except ImportError:     # until isf.py lands
+    from .kernel_stand_in import build_isf
 from .kobjects import Catalog
 from .objects import ObjectManager
 from .paging import MM_READWRITE, A, D, NX, P, RW, AddressSpace

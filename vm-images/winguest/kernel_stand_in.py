@@ -24,6 +24,9 @@ def build_kernel_image(profile, *, guid, age, base, rng, size_hint=None):
         size = max(size, (max(v["rva"] for v in profile["symbols"].values() if v) + 0x101000) & ~0xfff)
     data = bytearray(size)
     data[0:2] = b"MZ"
+    g = bytes.fromhex(guid)
+    data[0x2800:0x2800 + 40] = (b"RSDS" + g[3::-1] + g[5:3:-1] + g[7:5:-1] + g[8:]
+                                + struct.pack("<I", age) + b"ntkrnlmp.pdb\0")
     syms = {}
     if profile["symbols"]:
         for k, v in profile["symbols"].items():

@@ -200,6 +200,7 @@ lm_setup:
     jmp rax
 
 ; ---- running at the kernel alias (LmTarget): drop the temporary CR3 and enter the kernel ----
+align 16, db 0xCC                   ; LmTarget is a function address (low bits clear)
 lm_final:
     mov rsp, [rbx + P_RSP]
     mov rcx, [rbx + P_RIP]
