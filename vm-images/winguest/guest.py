@@ -14,10 +14,7 @@ from pathlib import Path
 from . import cpu as cpumod
 from .churn import lay_out as churn_lay_out
 from .handles import HandleTable
-try:
-    from .kernel_image import build_kernel_image
-except ImportError:     # until kernel_image.py lands
-    from .kernel_stand_in import build_kernel_image
+from .kernel_image import build_kernel_image
 try:
     from .isf import build_isf
 except ImportError:     # until isf.py lands
@@ -288,7 +285,9 @@ IMAGE_NAMES = {"idle": "KiIdleLoop", "churn": "KiGuestChurn", "churn_params": "K
 
 
 def idt_handlers(image, kvashadow: bool) -> list[int]:
-    return [image.va(IMAGE_NAMES["idt"].format(i)) for i in range(256)]
+    """With KVA shadowing the IDT points into KVASCODE (mapped in every user CR3), as on Windows."""
+    name = IMAGE_NAMES["idt"] + ("Shadow" if kvashadow else "")
+    return [image.va(name.format(i)) for i in range(256)]
 
 
 def map_image(image, phys: PhysicalMemory, space: AddressSpace, kvashadow: bool) -> int:
