@@ -91,7 +91,7 @@ def rights(type_name: str | None, mask: int) -> list[str]:
 def describe(type_name: str | None, mask: int) -> str:
     """`0x1f0003 EVENT_ALL_ACCESS`: the mask and its names."""
     names = rights(type_name, mask)
-    return f"{mask:#x} {'|'.join(names)}" if names else f"{mask:#x}"
+    return f"{mask:#x} {'|'.join(names)}" if names and names != [f"{mask:#x}"] else f"{mask:#x}"
 
 
 ATTRIBUTE_NAMES = {1: "ProtectFromClose", 2: "Inherit", 4: "Audit"}

@@ -17,10 +17,19 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozense
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+ACCESS_WIDTH = 40          # decoded rights beyond this are cut in tables (lookup and JSON have them all)
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def handles_table(records: list[HandleRecord]) -> str:
     rows = [[str(r.pid), r.process, f"{r.handle:#x}", f"{r.object:#018x}", r.type or "?",
-             access.describe(r.type, r.granted_access), r.name or ""] for r in records]
-    return _table(["PID", "Process", "Handle", "Object", "Type", "Access", "Name"], rows, right={0, 2})
+             _short(access.describe(r.type, r.granted_access), ACCESS_WIDTH),
+             "|".join(access.attribute_names(r.attributes)) or "-", r.name or ""] for r in records]
+    return _table(["PID", "Process", "Handle", "Object", "Type", "Access", "Attributes", "Name"], rows,
+                  right={0, 2})
 
 
 def handles_json(records: list[HandleRecord]) -> str:

@@ -26,6 +26,7 @@ from gdbhandles.records import HANDLE_KEYS, HandleRecord
     ("Event", 0x80000000, "0x80000000 GENERIC_READ"),
     ("Event", 0x100008, "0x100008 SYNCHRONIZE|0x8"),
     ("Event", 0, "0x0"),
+    ("WaitCompletionPacket", 0x1, "0x1"),              # no names known: the mask once
 ])
 def test_rights(type_name, mask, text):
     assert access.describe(type_name, mask) == text
@@ -44,8 +45,12 @@ def test_handle_json_is_the_truth_shape():
 
 
 def test_handle_table_columns():
-    records = [HandleRecord(612, "lsass.exe", 0x1C, 0xFFFF9E0D12345670, "Event", None, 0x1F0003, 0)]
+    records = [HandleRecord(612, "lsass.exe", 0x1C, 0xFFFF9E0D12345670, "Event", None, 0x1F0003, 0),
+               HandleRecord(612, "lsass.exe", 0x20, 0xFFFF9E0D12345700, "Desktop", "Default", 0xF01FF, 3)]
     lines = render.handles_table(records).splitlines()
-    assert lines[0].split() == ["PID", "Process", "Handle", "Object", "Type", "Access", "Name"]
+    assert lines[0].split() == ["PID", "Process", "Handle", "Object", "Type", "Access", "Attributes", "Name"]
     assert lines[2].split() == ["612", "lsass.exe", "0x1c", "0xffff9e0d12345670", "Event",
-                                "0x1f0003", "EVENT_ALL_ACCESS"]
+                                "0x1f0003", "EVENT_ALL_ACCESS", "-"]
+    cells = lines[3].split()
+    assert cells[5] == "0xf01ff" and cells[6].endswith("...") and len(cells[5] + " " + cells[6]) == 40
+    assert cells[7:] == ["ProtectFromClose|Inherit", "Default"]
