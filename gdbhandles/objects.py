@@ -1,6 +1,7 @@
 """_OBJECT_HEADER decoding: the object's type (cookie-encoded TypeIndex) and its name.
 
-Names follow where Windows keeps them: File → FILE_OBJECT.FileName, Key → the control
+Names follow where Windows keeps them: File → its device's path and FILE_OBJECT.FileName
+(`\\Device\\HarddiskVolume3\\Windows\\…`, as ObQueryNameString and volatility3 give it), Key → the control
 block chain, Process → `image(pid)`, Thread → the thread id, anything else → the name-info
 optional header. Decoding is batched: headers, then the strings they point to, are
 prefetched in few reads before being decoded from the cache.
@@ -16,6 +17,7 @@ from gdbhandles.kernel import Kernel
 NAME_INFO_BIT = 0x02
 MAX_NAME = 0x1000            # bytes: longer strings are taken as corrupt and cut
 MAX_KEY_DEPTH = 64
+MAX_DIRECTORY_DEPTH = 16
 HEADER_REACH = (0x40, 0xB0)  # bytes before/after a header read at once (name info … body fields)
 
 
@@ -39,10 +41,12 @@ class Objects:
         self.type_index = layout.field("_OBJECT_HEADER", "TypeIndex")
         self.info_mask = layout.field("_OBJECT_HEADER", "InfoMask")
         self.name_info_name = layout.offset("_OBJECT_HEADER_NAME_INFO", "Name")
+        self.name_info_directory = layout.offset("_OBJECT_HEADER_NAME_INFO", "Directory")
+        self.file_device = layout.offset("_FILE_OBJECT", "DeviceObject")
         self.ustr_length = layout.field("_UNICODE_STRING", "Length")
         self.ustr_buffer = layout.field("_UNICODE_STRING", "Buffer")
         self.type_name = layout.offset("_OBJECT_TYPE", "Name")
-        self.file_name = layout.offset("_FILE_OBJECT", "FileName")
+        self.file_name_offset = layout.offset("_FILE_OBJECT", "FileName")
         self.key_kcb = layout.offset("_CM_KEY_BODY", "KeyControlBlock")
         self.kcb_name_block = layout.offset("_CM_KEY_CONTROL_BLOCK", "NameBlock")
         self.kcb_parent = layout.offset("_CM_KEY_CONTROL_BLOCK", "ParentKcb")
@@ -54,6 +58,7 @@ class Objects:
         self.process_id = layout.field("_EPROCESS", "UniqueProcessId")
         self.type_table = kernel.globals["ObTypeIndexTable"]
         self.types: dict[int, str | None] = {}
+        self.paths: dict[int, str] = {}
         self.decoded: dict[int, ObjectInfo] = {}
 
     # --- types ---------------------------------------------------------------------------
@@ -117,14 +122,38 @@ class Objects:
             kcb = self.space.u64(kcb + self.kcb_parent)
         return "\\" + "\\".join(reversed(parts)) if parts else None
 
+    def object_path(self, body: int) -> str:
+        """A named object's full path (`\\Device\\HarddiskVolume3`): its name-info names up the
+        Directory chain to the root directory (the one without a parent); '' when unnamed."""
+        if body not in self.paths:
+            parts, current = [], body
+            while current and len(parts) < MAX_DIRECTORY_DEPTH:
+                header = current - self.body_offset
+                mask = self.info_mask.extract(self.space.read(header, self.header_size))
+                if not mask & NAME_INFO_BIT:          # unnamed: the path ends here
+                    break
+                info = header - self.kernel.info_mask_to_offset[mask & (NAME_INFO_BIT | (NAME_INFO_BIT - 1))]
+                current = self.space.u64(info + self.name_info_directory)
+                if current:
+                    parts.append(self.unicode_string(info + self.name_info_name) or "")
+            self.paths[body] = "\\" + "\\".join(reversed(parts)) if parts else ""
+        return self.paths[body]
+
+    def file_name(self, body: int) -> str | None:
+        """Device path + FileName; the device part is left out when the device has no name."""
+        device = self.space.u64(body + self.file_device)
+        try:
+            prefix = self.object_path(device) if device else ""
+        except HandleError:
+            prefix = ""
+        return (prefix + (self.unicode_string(body + self.file_name_offset) or "")) or None
+
     # --- objects ---------------------------------------------------------------------------
 
     def _name_source(self, header: int, raw: bytes, type_name: str | None) -> tuple[str, int] | None:
         """Where the name lives: ("ustr", UNICODE_STRING address) or a per-type rule."""
         body = header + self.body_offset
-        if type_name == "File":
-            return "ustr", body + self.file_name
-        if type_name in ("Key", "Process", "Thread"):
+        if type_name in ("File", "Key", "Process", "Thread"):
             return type_name, body
         mask = self.info_mask.extract(raw)
         if mask & NAME_INFO_BIT:
@@ -144,6 +173,8 @@ class Objects:
         kind, address = source
         if kind == "ustr":
             return self.unicode_string(address)
+        if kind == "File":
+            return self.file_name(address)
         if kind == "Key":
             return self.key_path(address)
         if kind == "Process":
@@ -175,4 +206,6 @@ class Objects:
                 continue
             if source is not None and source[0] == "ustr":
                 strings.append(source[1])
+            elif source is not None and source[0] == "File":
+                strings.append(source[1] + self.file_name_offset)
         self.space.prefetch(self._string_buffers(strings))

@@ -162,7 +162,8 @@ class Guest:
     def object_name(self, header: int, type_name: str) -> str | None:
         body = header + 0x30
         if type_name == "File":
-            return self.ustr(body + self.off("_FILE_OBJECT", "FileName"))
+            device = self.q(body + self.off("_FILE_OBJECT", "DeviceObject"))
+            return self.object_path(device - 0x30) + self.ustr(body + self.off("_FILE_OBJECT", "FileName"))
         if type_name == "Key":
             kcb = self.q(body + self.off("_CM_KEY_BODY", "KeyControlBlock"))
             parts = []
@@ -182,6 +183,19 @@ class Guest:
             return None
         off = self.b(self.truth["globals"]["ObpInfoMaskToOffset"] + (mask & 3))
         return self.ustr(header - off + 8)
+
+    def object_path(self, header: int) -> str:
+        """\\Device\\X: names up the name-info Directory chain to the root (whose Directory is 0)."""
+        parts = []
+        while True:
+            mask = self.b(header + 0x1A)
+            assert mask & 2, f"object {header:#x} on a device's path has no name"
+            off = self.b(self.truth["globals"]["ObpInfoMaskToOffset"] + (mask & 3))
+            directory = self.q(header - off)
+            if not directory:
+                return "\\" + "\\".join(reversed(parts))
+            parts.append(self.ustr(header - off + 8))
+            header = directory - 0x30
 
     def page_handles(self, proc: dict, page: int) -> list[dict]:
         """Records of a level-0 table page's entries read from another address (churn states)."""

@@ -36,11 +36,12 @@ class Catalog:
         return QUOTA if r < 0.3 else CREATOR if r < 0.4 else QUOTA | HANDLE if r < 0.5 else 0
 
     def directory(self, path: str) -> KObject:
-        """An object directory (named by its last component; root is unnamed)."""
+        """An object directory, named by its last component; the root is named "\\" and has no
+        parent directory, as on Windows."""
         if path in self.dirs:
             return self.dirs[path]
         if path == "\\":
-            obj = self.om.create("Directory", BODY["Directory"], pool="paged", flags=0x12)
+            obj = self.om.create("Directory", BODY["Directory"], name="\\", pool="paged", flags=0x12)
         else:
             parent, _, leaf = path.rpartition("\\")
             pdir = self.directory(parent or "\\")
@@ -85,11 +86,12 @@ class Catalog:
         return self.devices[name]
 
     def file(self, path: str, device: str = "HarddiskVolume3") -> KObject:
-        """A _FILE_OBJECT; Windows reports FileName (the path on its device)."""
+        """A _FILE_OBJECT; its name is the device's path and FileName, as ObQueryNameString gives it
+        (\\Device\\HarddiskVolume3\\Windows\\...)."""
         L = self.L
         dev = self.device(device)
         obj = self.om.create("File", L.size("_FILE_OBJECT"), info=self._info() & ~HANDLE,
-                             report_name=path)
+                             report_name=f"\\Device\\{device}{path}")
         b = obj.body
         self.kmem.write(b, struct.pack("<hh", IO_TYPE_FILE, L.size("_FILE_OBJECT")))
         self.kmem.u64(b + L.off("_FILE_OBJECT", "DeviceObject"), dev.body)
