@@ -75,9 +75,31 @@ class KernelImage:
 # Each function is nasm source; {Name} is replaced by a RIP-relative-capable expression for that
 # symbol, {off:Struct.Field} by the build's structure offset.
 
+def _saving_rbx_rsi(frame: int) -> tuple[str, str]:
+    """Prologue and epilogue of a function that keeps rbx and rsi in the caller's home space."""
+    return (f"""
+    mov [rsp + 8], rbx
+    mov [rsp + 10h], rsi
+    push rdi
+    sub rsp, {frame:#x}""", f"""
+    mov rbx, [rsp + {frame + 0x10:#x}]
+    mov rsi, [rsp + {frame + 0x18:#x}]
+    add rsp, {frame:#x}
+    pop rdi
+    ret""")
+
+
 def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     unique_pid = L.off("_EPROCESS", "UniqueProcessId")
     entry_shift = "sar rdi, 10h\n    and rdi, -10h" if win8 else "and rdi, -8"
+    # rcx = table, rdx = handle -> rdi = the entry's object pointer, or on to .invalid
+    find_entry = f"""
+    call {{ExpLookupHandleTableEntry}}
+    test rax, rax
+    jz .invalid
+    mov rdi, [rax]
+    {entry_shift}
+    jz .invalid"""
     apc_disable = 0x1E4 if win8 else 0x1C4    # _KTHREAD.KernelApcDisable (not in the profile data)
     f = {}
     f["PsGetProcessId"] = f"""
@@ -130,22 +152,13 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
 .none:
     xor eax, eax
     ret"""
-    f["PsLookupProcessByProcessId"] = f"""
-    mov [rsp + 8], rbx
-    mov [rsp + 10h], rsi
-    push rdi
-    sub rsp, 20h
+    enter, leave = _saving_rbx_rsi(0x20)
+    f["PsLookupProcessByProcessId"] = enter + f"""
     mov rsi, rdx
     mov rbx, [gs:188h]
     dec word [rbx + {apc_disable:#x}]
     mov rdx, rcx
-    mov rcx, [rel {{PspCidTable}}]
-    call {{ExpLookupHandleTableEntry}}
-    test rax, rax
-    jz .invalid
-    mov rdi, [rax]
-    {entry_shift}
-    jz .invalid
+    mov rcx, [rel {{PspCidTable}}]{find_entry}
     cmp byte [rdi], 3                    ; DISPATCHER_HEADER.Type == ProcessObject
     jne .invalid
     lock inc qword [rdi - 30h]           ; ObReferenceObject: header PointerCount
@@ -155,12 +168,7 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
 .invalid:
     mov eax, 0C000000Bh                  ; STATUS_INVALID_CID
 .done:
-    inc word [rbx + {apc_disable:#x}]
-    mov rbx, [rsp + 30h]
-    mov rsi, [rsp + 38h]
-    add rsp, 20h
-    pop rdi
-    ret"""
+    inc word [rbx + {apc_disable:#x}]""" + leave
     if cookie:
         f["ObGetObjectType"] = """
     lea rax, [rcx - 30h]
@@ -179,12 +187,9 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     lea rcx, [rel {ObTypeIndexTable}]
     mov rax, [rcx + rax * 8]
     ret"""
-    lookup = f"""
-    ; rcx = handle, rdx = access, r8 = type, r9b = mode, [rsp+28h] = object out
-    mov [rsp + 8], rbx
-    mov [rsp + 10h], rsi
-    push rdi
-    sub rsp, 30h
+    enter, leave = _saving_rbx_rsi(0x30)
+    lookup = """
+    ; rcx = handle, rdx = access, r8 = type, r9b = mode, [rsp+28h] = object out""" + enter + f"""
     mov rsi, rcx
     mov rbx, [gs:188h]
     test rcx, rcx
@@ -200,13 +205,7 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     mov rax, [rbx + {{off:_KTHREAD.ApcState.Process}}]
     mov rcx, [rax + {{off:_EPROCESS.ObjectTable}}]
 .lookup:
-    mov rdx, rsi
-    call {{ExpLookupHandleTableEntry}}
-    test rax, rax
-    jz .invalid
-    mov rdi, [rax]
-    {entry_shift}
-    jz .invalid
+    mov rdx, rsi{find_entry}
     lea rdi, [rdi + 30h]
     mov rax, [rsp + 60h]
     mov [rax], rdi
@@ -220,12 +219,7 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     jmp .done
 .invalid:
     mov eax, 0C0000008h                  ; STATUS_INVALID_HANDLE
-.done:
-    mov rbx, [rsp + 40h]
-    mov rsi, [rsp + 48h]
-    add rsp, 30h
-    pop rdi
-    ret"""
+.done:""" + leave
     if win8:
         f["ObReferenceObjectByHandle"] = """
     sub rsp, 48h
