@@ -56,6 +56,8 @@ class Session:
             if not self.fresh or self.windows is None:
                 self.windows = self._discover(registers)
                 self.fresh = True
+            else:
+                self.windows.registers = registers   # the user may have selected another vCPU
             yield self.windows
 
     def _discover(self, registers: list[dict]) -> Windows:
@@ -63,9 +65,13 @@ class Session:
         if previous is not None:
             facts = previous.info()
             try:
-                return Windows.open(self.phys, registers=registers, dtb=facts.dtb,
-                                    kernel_base=facts.kernel_base, isf=self.isf)
+                windows = Windows.open(self.phys, registers=registers, dtb=facts.dtb,
+                                       kernel_base=facts.kernel_base, isf=self.isf)
             except HandleError:
                 pass                 # the guest rebooted or the kernel moved: start over
+            else:                    # say how they were found in the first place
+                windows.kernel.dtb_source = facts.dtb_source
+                windows.kernel.base_source = f"{facts.kernel_base_source}; revalidated after the guest ran"
+                return windows
         self.opens += 1
         return Windows.open(self.phys, registers=registers, isf=self.isf)
