@@ -15,10 +15,7 @@ from . import cpu as cpumod
 from .churn import lay_out as churn_lay_out
 from .handles import HandleTable
 from .kernel_image import build_kernel_image
-try:
-    from .isf import build_isf
-except ImportError:     # until isf.py lands
-    from .kernel_stand_in import build_isf
+from .isf import build_isf
 from .kobjects import Catalog
 from .objects import ObjectManager
 from .paging import MM_READWRITE, A, D, NX, P, RW, AddressSpace
