@@ -118,8 +118,9 @@ class _GdbSubcommand(gdb.Command):
 class _HandlePrefix(gdb.Command):
     """Windows handle tables of a QEMU guest (attach with `target remote 127.0.0.1:PORT`).
 
-Subcommands: lookup, walk, ps, info (`handle SUBCOMMAND --help` for each).
-Settings: `set handle profile FILE`, `set handle qmp SOCKET`, `set handle progress on|off`.
+Subcommands: lookup, walk, ps, info; pause, resume, vmstatus (QMP) (`handle SUBCOMMAND --help`).
+Settings: `set handle profile FILE`, `set handle qmp SOCKET`, `set handle auto-pause on|off`,
+`set handle progress on|off`.
 Note: replaces gdb's signal `handle` command while gdbhandles is loaded."""
 
     def __init__(self):
@@ -318,6 +319,7 @@ def register() -> None:
     global _registered, session
     if _registered:
         return
+    from gdbhandles import qmpcommands  # noqa: F401  (declares its subcommands and settings)
     session = Session()
     _HandlePrefix()
     for spec in SUBCOMMANDS.values():

@@ -14,7 +14,7 @@ import gdb
 
 from gdbhandles.engine import Windows
 from gdbhandles.errors import HandleError
-from gdbhandles.gdbmemory import GdbPhysical, require_stopped_target, vcpu_registers
+from gdbhandles.gdbmemory import GdbPhysical, TargetRunning, require_stopped_target, vcpu_registers
 
 
 class Session:
@@ -47,8 +47,15 @@ class Session:
 
     @contextlib.contextmanager
     def open(self):
-        """Yield a Windows engine for the stopped target, reading physical memory throughout."""
-        require_stopped_target()
+        """Yield a Windows engine for the stopped target, reading physical memory throughout;
+        for a running one, what auto-pause offers (qmpcommands)."""
+        try:
+            require_stopped_target()
+        except TargetRunning:
+            from gdbhandles import qmpcommands      # the QMP layer builds on this one
+            with qmpcommands.running_view(self) as windows:
+                yield windows
+            return
         registers = vcpu_registers()
         if self.phys is None:
             self.phys = GdbPhysical()
