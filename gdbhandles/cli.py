@@ -8,6 +8,7 @@ Errors are one line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -136,6 +137,82 @@ def ps(args):
 def info(args):
     record = open_dump(args).info()
     print(render.info_json(record) if args.json else render.info_text(record))
+
+
+# --- scripted runs against QEMU (runner.py, regress.py) ---------------------------------------
+
+def _vm_arguments(parser: argparse.ArgumentParser, snapshot_required: bool = False) -> None:
+    parser.add_argument("--qemu", metavar="ARGS", help="QEMU's arguments for the machine (quoted; gdbhandles adds "
+                        "-gdb tcp:127.0.0.1:PORT, a private QMP socket and -loadvm)")
+    parser.add_argument("--snapshot", required=snapshot_required, metavar="NAME",
+                        help="start from this snapshot of the qcow2 disk (QEMU stays paused there)")
+    parser.add_argument("--gdb", metavar="HOST:PORT", help="attach to a running QEMU's gdbstub instead of --qemu")
+    parser.add_argument("--qmp", metavar="SOCKET", help="with --gdb: that QEMU's QMP socket")
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    _vm_arguments(parser)
+    parser.add_argument("commands", nargs="+", metavar="CMD",
+                        help="handle commands after --, e.g. -- \"walk all\" \"ps\" (JSON is printed)")
+
+
+@command("run", "boot QEMU (or attach), run handle commands in gdb, print their JSON", _run_arguments)
+def run(args):
+    from gdbhandles import runner
+    with runner.session(args.qemu, args.snapshot, args.gdb, args.qmp) as gdb:
+        results = runner.run_commands(gdb, args.commands)
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+
+
+def _snapshot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qemu", metavar="ARGS", help="boot this machine, let it run --wait seconds, then save")
+    parser.add_argument("--qmp", metavar="SOCKET", help="instead: the QMP socket of a running QEMU")
+    parser.add_argument("--name", required=True, help="snapshot name")
+    parser.add_argument("--wait", type=float, default=2.0, help="seconds to let a booted machine run (default 2)")
+    parser.add_argument("--disk", metavar="NODE", help="qcow2 block node for the snapshot (default: the first)")
+
+
+@command("snapshot", "save a snapshot of a running VM into its qcow2 disk (QMP)", _snapshot_arguments)
+def snapshot(args):
+    from gdbhandles import runner
+    from gdbhandles.qmp import Qmp
+    if bool(args.qemu) == bool(args.qmp):
+        raise HandleError("give either --qemu \"<qemu arguments>\" or --qmp SOCKET")
+    if args.qmp:
+        with Qmp(args.qmp) as q:
+            node = runner.save_snapshot(q, args.name, args.disk)
+    else:
+        with runner.qemu(runner.qemu_arguments(args.qemu)) as vm:
+            time.sleep(args.wait)
+            with Qmp(vm.qmp) as q:
+                node = runner.save_snapshot(q, args.name, args.disk)
+    print(f"snapshot {args.name} saved in {node}", file=sys.stderr)
+
+
+def _regress_arguments(parser: argparse.ArgumentParser) -> None:
+    _vm_arguments(parser)
+    parser.add_argument("--expect", required=True, metavar="GOLDEN", help="golden JSON (handle walk all --json)")
+    parser.add_argument("--update", action="store_true", help="write the golden file from this run")
+
+
+@command("regress", "walk all handles of a snapshot and compare with a golden file (exit 0 same, 1 differs, "
+         "2 error)", _regress_arguments)
+def regress_command(args):
+    from gdbhandles import regress, runner
+    if not args.update:
+        expected = regress.load(args.expect)
+    with runner.session(args.qemu, args.snapshot, args.gdb, args.qmp) as gdb:
+        actual, = runner.run_commands(gdb, ["walk all"])
+    if args.update:
+        regress.save(args.expect, actual)
+        print(f"{args.expect}: {len(actual)} handles written", file=sys.stderr)
+        return 0
+    diff = regress.compare(expected, actual)
+    if diff:
+        print(regress.report(diff))
+        return 1
+    print(f"{len(actual)} handles as expected", file=sys.stderr)
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

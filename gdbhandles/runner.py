@@ -1,0 +1,185 @@
+"""QEMU and gdb for scripted runs (`gdbhandles run|snapshot|regress`).
+
+QEMU is started from the user's own arguments plus a gdbstub on 127.0.0.1 and a QMP socket
+(mode 0600) in a private directory; a real gdb with the extension is driven through mi.py.
+Everything started here is stopped here, also on failure, timeout or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdbhandles.errors import HandleError
+from gdbhandles.mi import Gdb, MiError
+from gdbhandles.qmp import Qmp, QmpError
+
+GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
+QEMU = "qemu-system-x86_64"
+START_TIMEOUT = 20.0
+RESERVED = ("-gdb", "-s", "-qmp", "-S", "-loadvm", "-daemonize")
+
+
+class RunError(HandleError):
+    """QEMU or gdb could not be started or driven."""
+
+
+@dataclass
+class Vm:
+    port: int
+    qmp: str
+    proc: subprocess.Popen | None
+
+
+def qemu_arguments(text: str) -> list[str]:
+    args = shlex.split(text)
+    taken = [a for a in args if a in RESERVED]
+    if taken:
+        raise RunError(f"--qemu must not contain {', '.join(taken)}: gdbhandles adds the gdbstub, QMP and "
+                       "-loadvm itself")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def qemu(args: list[str], snapshot: str | None = None, paused: bool = False):
+    """QEMU running the user's machine; yields Vm. `paused`: stopped before the first instruction
+    (with `snapshot`: at the snapshot's state)."""
+    directory = tempfile.mkdtemp(prefix="gdbhandles-run-")
+    os.chmod(directory, 0o700)
+    qmp_path = os.path.join(directory, "qmp.sock")
+    port = free_port()
+    command = [QEMU, *args, "-gdb", f"tcp:127.0.0.1:{port}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    command += (["-loadvm", snapshot] if snapshot else []) + (["-S"] if paused else [])
+    proc = None
+    try:
+        try:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o077))
+        except OSError as exc:
+            raise RunError(f"cannot start {QEMU}: {exc.strerror}") from None
+        _wait_ready(proc, qmp_path)
+        yield Vm(port, qmp_path, proc)
+    finally:
+        if proc is not None:
+            _stop(proc, qmp_path)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_ready(proc: subprocess.Popen, qmp_path: str) -> None:
+    """Until QMP answers (QEMU has loaded any snapshot by then); QEMU's own error if it exits."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            error = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise RunError(f"QEMU exited: {error[-1] if error else 'status ' + str(proc.returncode)}")
+        if os.path.exists(qmp_path):
+            os.chmod(qmp_path, 0o600)
+            with contextlib.suppress(QmpError):
+                with Qmp(qmp_path) as q:
+                    q.status()
+                    return
+        if time.monotonic() > deadline:
+            raise RunError(f"QEMU did not answer on QMP within {START_TIMEOUT:g} s")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen, qmp_path: str) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(HandleError, OSError):
+            with Qmp(qmp_path) as q:
+                q.execute("quit")
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def attached(host: str, port: int, qmp: str | None):
+    """A gdb with the extension, attached to the gdbstub (and told the QMP socket)."""
+    gdb = Gdb(timeout=600)
+    try:
+        gdb.source(str(GDBINIT))
+        gdb.connect(host, port, timeout=START_TIMEOUT)
+        if qmp:
+            gdb.console(f"set handle qmp {qmp}")
+    except MiError as exc:
+        gdb.close()
+        raise RunError(f"gdb could not attach to {host}:{port}: {exc.message}") from None
+    return contextlib.closing(gdb)
+
+
+def handle_command(text: str) -> str:
+    """`walk all` or `handle walk all` → `handle walk all --json`."""
+    words = text.split()
+    if words and words[0] == "handle":
+        words = words[1:]
+    if not words:
+        raise RunError("empty command")
+    return "handle " + " ".join(words) + ("" if "--json" in words else " --json")
+
+
+def run_commands(gdb: Gdb, commands: list[str]) -> list:
+    out = []
+    for text in commands:
+        try:
+            out.append(gdb.json(handle_command(text)))
+        except MiError as exc:
+            raise RunError(f"{handle_command(text)}: {exc.message}") from None
+    return out
+
+
+def gdb_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        raise RunError(f"--gdb {text}: use 127.0.0.1:PORT (QEMU's gdbstub listens on 127.0.0.1 only)")
+    return host, int(port)
+
+
+@contextlib.contextmanager
+def session(qemu_text: str | None, snapshot: str | None, gdb_at: str | None, qmp: str | None):
+    """gdb attached either to a QEMU booted here (paused at the snapshot) or to a running one."""
+    if gdb_at:
+        if qemu_text:
+            raise RunError("give either --qemu or --gdb, not both")
+        host, port = gdb_address(gdb_at)
+        with attached(host, port, qmp) as gdb:
+            yield gdb
+        return
+    if not qemu_text:
+        raise RunError("give --qemu \"<qemu arguments>\" (or --gdb HOST:PORT of a running QEMU)")
+    with qemu(qemu_arguments(qemu_text), snapshot, paused=True) as vm, \
+            attached("127.0.0.1", vm.port, vm.qmp) as gdb:
+        yield gdb
+
+
+def save_snapshot(q: Qmp, name: str, disk: str | None) -> str:
+    nodes = q.block_nodes()
+    node = disk or (nodes[0] if nodes else None)
+    if node is None:
+        raise QmpError("the VM has no qcow2 disk to hold a snapshot (add -blockdev driver=qcow2,...)")
+    running = q.status() == "running"
+    if running:
+        q.stop()
+    try:
+        q.snapshot_save(name, node)
+    finally:
+        if running:
+            q.cont()
+    return node
