@@ -191,21 +191,30 @@ class QmpParameter(gdb.Parameter):
         return f"QMP socket: {svalue or '(none)'}"
 
 
-class ProgressParameter(gdb.Parameter):
-    """Whether long walks report their progress."""
+class BooleanParameter(gdb.Parameter):
+    """An on/off `handle` setting: subclasses give its name, texts and default."""
 
-    set_doc = "Set whether long walks report progress."
-    show_doc = "Show whether long walks report progress."
+    name = ""
+    shown_as = ""
+    default = False
 
     def __init__(self):
-        super().__init__("handle progress", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
-        self.value = True
+        super().__init__(f"handle {self.name}", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.value = self.default
 
     def get_set_string(self):
         return ""
 
     def get_show_string(self, svalue):
-        return f"Progress reports on long walks: {svalue}"
+        return f"{self.shown_as}: {svalue}"
+
+
+class ProgressParameter(BooleanParameter):
+    """Whether long walks report their progress."""
+
+    set_doc = "Set whether long walks report progress."
+    show_doc = "Show whether long walks report progress."
+    name, shown_as, default = "progress", "Progress reports on long walks", True
 
 
 SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter}

@@ -134,15 +134,20 @@ def _scan_down(space: AddressSpace, start: int) -> tuple[int, pe.PeImage] | None
     pages = range(top, top - SCAN_DOWN, -PAGE)
     for candidates in (large, pages):
         for base in candidates:
-            try:
-                if space.read(base, 2) != b"MZ":
-                    continue
-            except HandleError:
-                continue
-            image = _kernel_at(space, base)
+            image = _kernel_with_mz(space, base)
             if image is not None and base <= start < base + image.size_of_image:
                 return base, image
     return None
+
+
+def _kernel_with_mz(space: AddressSpace, base: int) -> pe.PeImage | None:
+    """_kernel_at, after the cheap check for an MZ at `base`."""
+    try:
+        if space.read(base, 2) != b"MZ":
+            return None
+    except HandleError:
+        return None
+    return _kernel_at(space, base)
 
 
 def _hints(space: AddressSpace, registers: list[dict], stub) -> list[tuple[int, str]]:
@@ -182,12 +187,7 @@ def _find_base(space: AddressSpace, registers, stub, kernel_base) -> tuple[int, 
             return found[0], found[1], f"MZ below the {source}"
     for va, size in space.mapped_pages(*KERNEL_REGION):
         for base in range(va, va + size, PAGE):
-            try:
-                if space.read(base, 2) != b"MZ":
-                    continue
-            except HandleError:
-                continue
-            image = _kernel_at(space, base)
+            image = _kernel_with_mz(space, base)
             if image is not None:
                 return base, image, "scan of the kernel region for an MZ with ntkrnlmp.pdb"
     return None

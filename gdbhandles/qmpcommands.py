@@ -29,23 +29,17 @@ from gdbhandles.memory import DumpFile
 from gdbhandles.qmp import LOW_RAM_LIMIT, Qmp, QmpError
 
 
-class AutoPauseParameter(gdb.Parameter):
+class AutoPauseParameter(commands.BooleanParameter):
     """Whether a walk or lookup of a running guest pauses the VM through QMP (set handle qmp first)."""
 
     set_doc = "Set whether walks of a running guest pause the VM through QMP."
     show_doc = "Show whether walks of a running guest pause the VM through QMP."
-
-    def __init__(self):
-        super().__init__("handle auto-pause", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
-        self.value = False
+    name, shown_as = "auto-pause", "Auto-pause of a running guest through QMP"
 
     def get_set_string(self):
         if self.value and not commands.parameters["qmp"].value:
             return "auto-pause is on, but no QMP socket is set (set handle qmp SOCKET)"
         return ""
-
-    def get_show_string(self, svalue):
-        return f"Auto-pause of a running guest through QMP: {svalue}"
 
 
 commands.SETTINGS["auto-pause"] = AutoPauseParameter
