@@ -89,8 +89,8 @@ def pmemsave(g, path, q=None):
     return path
 
 
-@pytest.mark.parametrize("profile,scenario", [("19041", "default"), ("7601", "default"), ("22000", "default"),
-                                              ("19041", "level2"), ("19041", "kpti"),
+@pytest.mark.parametrize("profile,scenario", [(p, s) for s in ("default", "level2", "kpti")
+                                              for p in ("7601", "19041", "22000")] + [
                                               pytest.param("19041", "big", marks=pytest.mark.slow)])
 def test_pmemsave_equals_memory_raw(booted_guest, tmp_path, profile, scenario):
     g = booted_guest(profile, scenario)
@@ -107,8 +107,9 @@ def test_pmemsave_equals_memory_raw(booted_guest, tmp_path, profile, scenario):
     check_guest(dump, g.truth)
 
 
-def test_kpti_second_vcpu_in_user_mode(booted_guest):
-    g = booted_guest("19041", "kpti")
+@pytest.mark.parametrize("profile", ["7601", "19041", "22000"])
+def test_kpti_second_vcpu_in_user_mode(booted_guest, profile):
+    g = booted_guest(profile, "kpti")
     t = g.truth
     user = t["vcpus"][1]
     assert user["cpl"] == 3
@@ -132,9 +133,10 @@ def test_kpti_second_vcpu_in_user_mode(booted_guest):
         gdb.close()
 
 
-def test_churn_flips_between_the_two_states(booted_guest, tmp_path):
+@pytest.mark.parametrize("profile", ["7601", "19041", "22000"])
+def test_churn_flips_between_the_two_states(booted_guest, tmp_path, profile):
     """The live table page is state A or B whenever the seqlock counter is even."""
-    g = booted_guest("19041", "churn")
+    g = booted_guest(profile, "churn")
     c = g.truth["churn"]
     proc = next(p for p in g.truth["processes"] if p["pid"] == c["pid"])
     seen = {}

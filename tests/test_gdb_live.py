@@ -220,9 +220,12 @@ def test_second_command_reuses_discovery_and_drops_memory_after_running(live):
 
 # --- special scenarios ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def kpti():
-    with live_guest("19041", "kpti") as guest:
+THREE = ["7601", "19041", "22000"]          # Windows 7, 10 and 11
+
+
+@pytest.fixture(scope="module", params=THREE)
+def kpti(request):
+    with live_guest(request.param, "kpti") as guest:
         yield guest
 
 
@@ -241,9 +244,9 @@ def test_kpti_every_vcpu_selected_in_turn(kpti):
     check_pseudo_handles(kpti)
 
 
-@pytest.fixture(scope="module")
-def level2():
-    with live_guest("19041", "level2") as guest:
+@pytest.fixture(scope="module", params=THREE)
+def level2(request):
+    with live_guest(request.param, "level2") as guest:
         yield guest
 
 
