@@ -71,6 +71,11 @@ def main() -> None:
               f"(walk + ps); {m['requests']} read requests, {m['round_trips']} round trips, "
               f"{m['bytes'] / 2**20:.1f} MiB, {m['cache_hits']} cache hits; offline {m['cpu_s']:.2f} s; "
               f"priced as gdbstub reads {m['stub_ms'] / 1000:.2f} s (discovery {m['discovery_stub_ms']:.0f} ms)")
+        # the same requests sent one by one, as a reader without batching and cache would
+        naive_ms = m["requests"] * TRIP_MS + PER_2K_MS * m["requests"] * 8 / 2048
+        print(f"  one round trip per request instead: {naive_ms / 1000:.1f} s priced, "
+              f"{naive_ms / m['stub_ms']:.1f}x the batched, cached walk; {m['requests'] / m['round_trips']:.0f}x "
+              f"the round trips")
 
 
 if __name__ == "__main__":
