@@ -122,7 +122,18 @@ def attached(host: str, port: int, qmp: str | None):
     except MiError as exc:
         gdb.close()
         raise RunError(f"gdb could not attach to {host}:{port}: {exc.message}") from None
-    return contextlib.closing(gdb)
+    return _detached_at_end(gdb)
+
+
+@contextlib.contextmanager
+def _detached_at_end(gdb: Gdb):
+    """Detach before gdb exits: the machine (maybe the user's own) goes on as it was."""
+    try:
+        yield gdb
+    finally:
+        with contextlib.suppress(MiError):
+            gdb.mi("-target-detach", timeout=10)
+        gdb.close()
 
 
 def handle_command(text: str) -> str:

@@ -91,3 +91,25 @@ def test_errors_exit_2(tmp_path):
     assert nogolden.returncode == 2 and "no golden file" in nogolden.stderr
     remote = gdbhandles("run", "--gdb", "10.0.0.1:1234", "--", "ps")
     assert remote.returncode == 2 and "127.0.0.1" in remote.stderr
+
+
+def test_attach_to_a_running_qemu(tmp_path):
+    """--gdb/--qmp: regress against a QEMU someone else runs; it keeps running afterwards."""
+    from boot import booted
+    from gdbhandles.qmp import Qmp
+    directory = cached_guest("19041", "default", 0)
+    truth = json.loads((directory / "truth.json").read_text())
+    golden = tmp_path / "golden.json"
+    with booted(directory) as vm:
+        where = ["--gdb", f"127.0.0.1:{vm.port}", "--qmp", vm.qmp]
+        update = gdbhandles("regress", *where, "--expect", str(golden), "--update")
+        assert update.returncode == 0, update.stderr
+        assert key(json.loads(golden.read_text())) == key(truth["handles"])
+        again = gdbhandles("regress", *where, "--expect", str(golden))
+        assert again.returncode == 0, again.stdout + again.stderr
+        saved = gdbhandles("snapshot", "--qmp", vm.qmp, "--name", "later")
+        assert saved.returncode == 0, saved.stderr
+        assert vm.proc.poll() is None
+        with Qmp(vm.qmp) as q:
+            assert q.status() == "running"
+            assert "later" in q.hmp("info snapshots")
