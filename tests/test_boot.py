@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 
@@ -161,3 +162,14 @@ def test_churn_flips_between_the_two_states(booted_guest, tmp_path, profile):
     finally:
         q.close()
     assert set(seen) == {"A", "B"} and max(seen.values()) > 0
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm")
+def test_boots_under_kvm_when_usable(booted_guest, tmp_path):
+    g = booted_guest("19041", "default", accel="auto")
+    q = QMP(g.qmp)
+    try:
+        assert "kvm support: enabled" in q.hmp("info kvm")
+    finally:
+        q.close()
+    check_guest(pmemsave(g, tmp_path / "dump.raw"), g.truth)

@@ -86,10 +86,14 @@ class Booted:
     proc: subprocess.Popen
 
 
+ACCELS = {"tcg": ["-accel", "tcg"], "kvm": ["-accel", "kvm"],
+          "auto": ["-accel", "kvm", "-accel", "tcg"]}   # KVM when /dev/kvm works, else TCG
+
+
 def qemu_command(guest: Path, cfg: dict, port: int, qmp: str, disk: Path, smp: int,
-                 snapshot: str | None) -> list[str]:
+                 snapshot: str | None, accel: str = "tcg") -> list[str]:
     f = cfg["files"]
-    cmd = [QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-m", str(cfg["ram_mib"]),
+    cmd = [QEMU, *ACCELS[accel], "-machine", "pc", "-cpu", "qemu64", "-m", str(cfg["ram_mib"]),
            "-smp", str(smp), "-display", "none", "-no-reboot", "-nodefaults", "-serial", "none",
            "-kernel", str(guest / f["kernel"]),
            "-device", f"loader,file={guest / f['blob']},addr={cfg['blob_base']:#x},force-raw=on",
@@ -123,7 +127,7 @@ def steady(states: list[tuple[int, int]], cfg: dict) -> bool:
 @contextlib.contextmanager
 def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
            snapshot: str | None = None, smp: int | None = None, disk: Path | None = None,
-           timeout: float = 60.0):
+           timeout: float = 60.0, accel: str = "tcg"):
     """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc).
 
     Without `snapshot` or `disk` the guest gets a fresh private disk, so that tests can boot
@@ -143,7 +147,7 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
             else:
                 disk = tmp / "disk.qcow2"
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-        cmd = qemu_command(guest, cfg, port, qmp_path, Path(disk), smp or cfg["smp"], snapshot)
+        cmd = qemu_command(guest, cfg, port, qmp_path, Path(disk), smp or cfg["smp"], snapshot, accel)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o077))
         try:
@@ -187,6 +191,9 @@ def main() -> int:
     ap.add_argument("--snapshot")
     ap.add_argument("--smp", type=int)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--accel", choices=sorted(ACCELS), default="tcg",
+                    help="tcg (default: the tests' guests boot in well under a second and alike on every "
+                         "machine), kvm, or auto (KVM when usable, else TCG)")
     a = ap.parse_args()
 
     def stop(signum, frame):
@@ -195,7 +202,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, stop)
     try:
         with booted(a.dir, gdb_port=a.gdb_port, qmp=a.qmp, snapshot=a.snapshot, smp=a.smp,
-                    timeout=a.timeout) as b:
+                    timeout=a.timeout, accel=a.accel) as b:
             print(f"gdb-port {b.port}", flush=True)
             print(f"qmp {b.qmp}", flush=True)
             b.proc.wait()
