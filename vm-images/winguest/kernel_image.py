@@ -75,15 +75,15 @@ class KernelImage:
 # Each function is nasm source; {Name} is replaced by a RIP-relative-capable expression for that
 # symbol, {off:Struct.Field} by the build's structure offset.
 
-def _saving_rbx_rsi(frame: int) -> tuple[str, str]:
-    """Prologue and epilogue of a function that keeps rbx and rsi in the caller's home space."""
+def _saving_rbx_rsi(frame: int, rsi: bool = True) -> tuple[str, str]:
+    """Prologue and epilogue of a function that keeps rbx (and rsi) in the caller's home space."""
+    save = "\n    mov [rsp + 10h], rsi" if rsi else ""
+    load = f"\n    mov rsi, [rsp + {frame + 0x18:#x}]" if rsi else ""
     return (f"""
-    mov [rsp + 8], rbx
-    mov [rsp + 10h], rsi
+    mov [rsp + 8], rbx{save}
     push rdi
     sub rsp, {frame:#x}""", f"""
-    mov rbx, [rsp + {frame + 0x10:#x}]
-    mov rsi, [rsp + {frame + 0x18:#x}]
+    mov rbx, [rsp + {frame + 0x10:#x}]{load}
     add rsp, {frame:#x}
     pop rdi
     ret""")
@@ -240,11 +240,9 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     call {ObQueryNameStringMode}
     add rsp, 38h
     ret"""
+    enter, leave = _saving_rbx_rsi(0x20, rsi=False)
     f["ObQueryNameStringMode"] = """
-    ; rcx = object body: the name info header through ObpInfoMaskToOffset
-    mov [rsp + 8], rbx
-    push rdi
-    sub rsp, 20h
+    ; rcx = object body: the name info header through ObpInfoMaskToOffset""" + enter + """
     mov rdi, rdx
     lea rbx, [rcx - 30h]
     movzx eax, byte [rbx + {off:_OBJECT_HEADER.InfoMask}]
@@ -261,22 +259,11 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
 .unnamed:
     mov word [rdi], 0
     xor eax, eax
-.done:
-    mov rbx, [rsp + 30h]
-    add rsp, 20h
-    pop rdi
-    ret"""
-    f["ExAllocatePoolWithTag"] = """
-    mov [rsp + 8], rbx
-    push rdi
-    sub rsp, 20h
+.done:""" + leave
+    f["ExAllocatePoolWithTag"] = enter + """
     mov ebx, r8d
     mov rdi, rdx
-    xor eax, eax
-    mov rbx, [rsp + 30h]
-    add rsp, 20h
-    pop rdi
-    ret"""
+    xor eax, eax""" + leave
     f["KeBugCheckEx"] = """
     mov [rsp + 8], rcx
     mov [rsp + 10h], rdx
