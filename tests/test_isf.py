@@ -44,4 +44,7 @@ def test_isf_of_every_profile(profile):
             for kind, name in referenced(field["type"]):
                 assert name in (isf["base_types"] if kind == "base" else types), name
     assert {"_LIST_ENTRY", "_EX_FAST_REF", "_ERESOURCE", "_DEVICE_OBJECT"} <= set(types)
+    if profile["symbols"]:                 # shipped builds: what volatility3's pslist/handles read
+        assert {"ActiveThreads", "CreateTime", "ExitTime"} <= set(types["_EPROCESS"]["fields"])
+        assert "Flags" in types["_CM_KEY_CONTROL_BLOCK"]["fields"]
     assert {name: s["address"] for name, s in isf["symbols"].items()} == image.symbols

@@ -53,7 +53,7 @@ def as_volatility(record: dict, truth: dict) -> tuple:
     return record["pid"], record["handle"], record["object"] & ADDRESS, kind, name or "", access
 
 
-@pytest.mark.parametrize("profile", ["7601", "19041", "22000"])
+@pytest.mark.parametrize("profile", ["7601", "9600", "14393", "17763", "18362", "19041", "20348", "22000"])
 def test_volatility_agrees_with_truth(booted_guest, tmp_path, profile):
     g = booted_guest(profile)
     dump = pmemsave(g, tmp_path / "dump.raw")

@@ -12,9 +12,9 @@ import json
 import re
 from pathlib import Path
 
-# Members volatility3's pslist reads that the profile data lacks, with their real offsets, for the
-# builds whose complete ISF we have (JPCERTCC/Windows-Symbol-Tables, BSD-3-Clause, by PDB GUID).
-# Other builds' symbols.json go without them.
+# Members volatility3's pslist and handles read that the profile data lacks, with their real
+# offsets, for the 40 shipped builds (from their ISFs in JPCERTCC/Windows-Symbol-Tables, the source
+# of the profile data, BSD-3-Clause; by PDB GUID). The extra layouts' symbols.json go without them.
 VOLATILITY_MEMBERS = json.loads((Path(__file__).with_name("volatility_members.json")).read_text())
 
 BASE_TYPES = {
