@@ -35,7 +35,7 @@ def _load():
     here = _add_paths()
     try:
         import capstone  # noqa: F401  (the engine needs it to find unexported globals)
-        from gdbhandles import commands
+        from gdbhandles.gdb import loader
     except ImportError as exc:
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         gdb.write(
@@ -44,7 +44,7 @@ def _load():
             f"{here}/.venv/bin/pip install -e {here}` (or start gdb in an activated venv of "
             f"Python {version} that has them)\n", gdb.STDERR)
         return
-    commands.register()
+    loader.register()
 
 
 _load()

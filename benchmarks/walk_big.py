@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "vm-images"))
 
-from gdbhandles import memory  # noqa: E402
+from gdbhandles.windows import memory  # noqa: E402
 from gdbhandles.engine import Windows  # noqa: E402
-from gdbhandles.memory import DumpFile  # noqa: E402
+from gdbhandles.windows.memory import DumpFile  # noqa: E402
 
 TRIP_MS, PER_2K_MS = 0.06, 0.23
 

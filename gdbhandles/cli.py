@@ -16,7 +16,7 @@ from typing import Callable
 
 from gdbhandles import render
 from gdbhandles.errors import HandleError
-from gdbhandles.memory import DumpFile
+from gdbhandles.windows.memory import DumpFile
 
 EXIT_ERROR = 2
 
@@ -158,7 +158,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("run", "boot QEMU (or attach), run handle commands in gdb, print their JSON", _run_arguments)
 def run(args):
-    from gdbhandles import runner
+    from gdbhandles.automation import runner
     with runner.session(args.qemu, args.snapshot, args.gdb, args.qmp) as gdb:
         results = runner.run_commands(gdb, args.commands)
     print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
@@ -174,8 +174,8 @@ def _snapshot_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("snapshot", "save a snapshot of a running VM into its qcow2 disk (QMP)", _snapshot_arguments)
 def snapshot(args):
-    from gdbhandles import runner
-    from gdbhandles.qmp import Qmp
+    from gdbhandles.automation import runner
+    from gdbhandles.automation.qmp import Qmp
     if bool(args.qemu) == bool(args.qmp):
         raise HandleError("give either --qemu \"<qemu arguments>\" or --qmp SOCKET")
     if args.qmp:
@@ -198,7 +198,7 @@ def _regress_arguments(parser: argparse.ArgumentParser) -> None:
 @command("regress", "walk all handles of a snapshot and compare with a golden file (exit 0 same, 1 differs, "
          "2 error)", _regress_arguments)
 def regress_command(args):
-    from gdbhandles import regress, runner
+    from gdbhandles.automation import regress, runner
     if not args.update:
         expected = regress.load(args.expect)
     with runner.session(args.qemu, args.snapshot, args.gdb, args.qmp) as gdb:

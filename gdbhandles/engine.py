@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from gdbhandles import access, kernel as kernel_module
+from gdbhandles.windows import access, kernel as kernel_module
 from gdbhandles.errors import BadHandle, HandleError, ProcessNotFound
-from gdbhandles.handletable import Entry, EntryFormat, HandleTable, Problem
-from gdbhandles.memory import PhysicalMemory
-from gdbhandles.objects import Objects
-from gdbhandles.processes import Process, active_processes, read_process
+from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
+from gdbhandles.windows.memory import PhysicalMemory
+from gdbhandles.windows.objects import Objects
+from gdbhandles.windows.eprocess import Process, active_processes, read_process
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
 

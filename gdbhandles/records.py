@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from gdbhandles.windows.handle_table import TableStep
+from gdbhandles.windows.memory import ReadStats
+
 HANDLE_KEYS = ("pid", "process", "handle", "object", "type", "name", "granted_access", "attributes")
 
 
@@ -43,14 +46,6 @@ class HandleRecord:
 
 
 @dataclass
-class TableStep:
-    """One table the lookup went through: its level (2 top … 0 entries) and address."""
-    level: int
-    address: int
-    index: int
-
-
-@dataclass
 class LookupRecord:
     """One handle, decoded with everything a person debugging wants to see."""
     pid: int
@@ -78,9 +73,6 @@ class LookupRecord:
     def to_json(self) -> dict:
         return self.handle_record().to_json()
 
-    def details(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
 class WalkWarning:
@@ -89,14 +81,6 @@ class WalkWarning:
     process: str
     message: str
     handle: int | None = None
-
-
-@dataclass
-class ReadStats:
-    reads: int = 0               # read requests by the engine
-    bytes: int = 0               # bytes fetched from the backend
-    round_trips: int = 0         # backend read calls
-    cache_hits: int = 0          # requests served from the cache alone
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gdbhandles import access
+from gdbhandles.windows import access
 from gdbhandles.records import HandleRecord, InfoRecord, LookupRecord, ProcessRecord
 
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from gdbhandles import access, render
+from gdbhandles import render
+from gdbhandles.windows import access
 from gdbhandles.records import HANDLE_KEYS, HandleRecord
 
 

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from gdbhandles import layouts
+from gdbhandles.windows import layouts
 from gdbhandles.engine import Windows
 from gdbhandles.errors import BadHandle, NotWindows, ProcessNotFound, UnknownBuild
-from gdbhandles.memory import AddressSpace, DumpFile, PhysicalMemory
+from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 PROFILES = [p["version"] for p in layouts.shipped_profiles()]
 EXTRA = {p["version"] for p in layouts.shipped_profiles() if p["file"] == "extra"}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from gdbhandles import layouts
+from gdbhandles.windows import layouts
 from gdbhandles.errors import ProfileError
 
 ORACLES = sorted(Path("/work/shared/profiles/isf/windows/ntkrnlmp.pdb").glob("*.json"))

@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from gdbhandles.errors import UnreadablePage
-from gdbhandles.memory import LINE, AddressSpace, DumpFile, PhysicalMemory
+from gdbhandles.windows.memory import LINE, AddressSpace, DumpFile, PhysicalMemory
 
 P, W, LARGE, TRANSITION, PROTOTYPE = 1, 2, 0x80, 0x800, 0x400
 

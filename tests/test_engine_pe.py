@@ -2,7 +2,7 @@
 import struct
 import uuid
 
-from gdbhandles import disasm, pe
+from gdbhandles.windows import disasm, pe
 
 TEXT, RDATA, DATA = 0x1000, 0x2000, 0x3000
 COOKIE, TYPES, CID, MASKS = DATA, DATA + 0x100, DATA + 0x200, DATA + 0x300

@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from gdbhandles import layouts
+from gdbhandles.windows import layouts
 from gdbhandles.errors import CorruptTable, UnreadablePage
-from gdbhandles.handletable import Entry, EntryFormat, HandleTable, Problem
+from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
 
 MASK64 = (1 << 64) - 1
 

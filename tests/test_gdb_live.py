@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from boot import booted                       # vm-images/, put on sys.path by conftest.py
-from gdbhandles.mi import Gdb, MiError
+from gdbhandles.automation.mi import Gdb, MiError
 from winguest.cache import guest as cached_guest
 
 pytestmark = pytest.mark.integration

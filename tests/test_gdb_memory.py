@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gdbhandles.mi import Gdb, MiError
+from gdbhandles.automation.mi import Gdb, MiError
 from gdbstub_guest import KBASE, PATTERN_PHYS, PATTERN_SIZE, RAM_MIB, qemu, settle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ HELPERS = textwrap.dedent(f"""
     import json, struct, sys, time
     sys.path.insert(0, {str(REPO)!r})
     import gdb
-    from gdbhandles import gdbmemory
+    from gdbhandles.gdb import memory as gdbmemory
 
     def phymode():
         return gdb.execute("maintenance packet qqemu.PhyMemMode", to_string=True).split('"')[-2]

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from gdbhandles.mi import Gdb, MiError, MiTimeout, quote
+from gdbhandles.automation.mi import Gdb, MiError, MiTimeout, quote
 from gdbstub_guest import KBASE, PATTERN_PHYS, qemu, settle
 
 

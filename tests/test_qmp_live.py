@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from boot import booted
-from gdbhandles.memory import DumpFile
+from gdbhandles.windows.memory import DumpFile
 from gdbhandles.engine import Windows
-from gdbhandles.mi import Gdb, MiError
-from gdbhandles.qmp import Qmp, QmpError
+from gdbhandles.automation.mi import Gdb, MiError
+from gdbhandles.automation.qmp import Qmp, QmpError
 from winguest.cache import guest as cached_guest
 
 pytestmark = pytest.mark.integration
@@ -69,8 +69,8 @@ def test_pause_resume_and_status_follow_gdb():
 
 PAUSED_WALK = """
 import json
-from gdbhandles import commands, qmpcommands
-with qmpcommands.paused_view(commands.session) as windows:
+from gdbhandles.gdb import commands
+with commands.session.open() as windows:
     counter = windows.kernel.space.u64({counter})
     records = [record.to_json() for record in windows.walk({pid})]
 print(json.dumps({{"counter": counter, "records": records}}))
@@ -190,7 +190,7 @@ def test_errors_are_one_line(tmp_path):
 def test_permission_denied_for_another_user(tmp_path):
     with booted(cached_guest("19041", "default")) as vm:
         assert os.stat(vm.qmp).st_mode & 0o777 == 0o600
-        code = ("import sys; from gdbhandles.qmp import Qmp, QmpError\n"
+        code = ("import sys; from gdbhandles.automation.qmp import Qmp, QmpError\n"
                 "try: Qmp(sys.argv[1])\n"
                 "except QmpError as e: print(e)")
         run = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from boot import qemu_command
-from gdbhandles.regress import compare
+from gdbhandles.automation.regress import compare
 from winguest.cache import guest as cached_guest
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def test_errors_exit_2(tmp_path):
 def test_attach_to_a_running_qemu(tmp_path):
     """--gdb/--qmp: regress against a QEMU someone else runs; it keeps running afterwards."""
     from boot import booted
-    from gdbhandles.qmp import Qmp
+    from gdbhandles.automation.qmp import Qmp
     directory = cached_guest("19041", "default", 0)
     truth = json.loads((directory / "truth.json").read_text())
     golden = tmp_path / "golden.json"

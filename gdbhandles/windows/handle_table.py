@@ -12,8 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from gdbhandles.errors import CorruptTable, HandleError
-from gdbhandles.kernel import Kernel
-from gdbhandles.records import TableStep
+from gdbhandles.windows.kernel import Kernel
 
 ENTRY_SIZE = 16
 LOW_COUNT = 4096 // ENTRY_SIZE          # entries per low-level page
@@ -23,6 +22,14 @@ MAX_HANDLE_VALUE = 1 << 26              # Windows allows 2^24 handles per table
 PROTECT_CLOSE_BIT = 0x2000000           # Win7: ObpAccessProtectCloseBit in GrantedAccess
 ATTRIBUTE_PROTECT_CLOSE = 1
 MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class TableStep:
+    """One table the lookup went through: its level (2 top … 0 entries) and address."""
+    level: int
+    address: int
+    index: int
 
 
 @dataclass

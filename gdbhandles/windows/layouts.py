@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gdbhandles.errors import ProfileError
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 POINTER_SIZE = 8
 
 

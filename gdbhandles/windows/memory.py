@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from gdbhandles.errors import UnreadablePage
-from gdbhandles.records import ReadStats
 
 PAGE = 0x1000
 LINE = 0x200
@@ -24,6 +24,14 @@ MAX_RUN = 0x10000          # bytes per backend read when gathering lines
 MERGE_GAP = 1              # lines: reading one unneeded line is cheaper than a round trip
 MAX_LINES = 1 << 17        # 64 MiB of cached lines, then start afresh
 PRESENT, LARGE, PROTOTYPE, TRANSITION = 1, 0x80, 1 << 10, 1 << 11
+
+
+@dataclass
+class ReadStats:
+    reads: int = 0               # read requests by the engine
+    bytes: int = 0               # bytes fetched from the backend
+    round_trips: int = 0         # backend read calls
+    cache_hits: int = 0          # requests served from the cache alone
 
 
 class DumpFile:
@@ -155,13 +163,6 @@ class AddressSpace:
         if base is None:
             base = self._pages[page] = self._walk(page)
         return base | (va & (PAGE - 1))
-
-    def mapped(self, va: int) -> bool:
-        try:
-            self.translate(va)
-        except UnreadablePage:
-            return False
-        return True
 
     def read(self, va: int, size: int) -> bytes:
         """Bytes at va; UnreadablePage names the first address whose page is missing."""

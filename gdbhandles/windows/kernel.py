@@ -9,9 +9,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from gdbhandles import disasm, layouts, pe
+from gdbhandles.windows import disasm, layouts, pe
 from gdbhandles.errors import HandleError, MissingGlobal, NotWindows, UnknownBuild
-from gdbhandles.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory
+from gdbhandles.windows.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory
 
 KERNEL_PDBS = {"ntkrnlmp.pdb", "ntoskrnl.pdb", "ntkrnlpa.pdb", "ntkrpamp.pdb"}
 KUSER_SHARED_DATA = 0xFFFFF78000000000
@@ -51,9 +51,6 @@ class Kernel:
     info_mask_to_offset: bytes = b""
     system_process: int = 0
     kernel_table: int = 0
-
-    def rva_reader(self):
-        return lambda rva, size: self.space.read(self.base + rva, size)
 
     def va_reader(self):
         return self.space.read

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdbhandles.errors import HandleError
-from gdbhandles.mi import Gdb, MiError
-from gdbhandles.qmp import Qmp, QmpError
+from gdbhandles.automation.mi import Gdb, MiError
+from gdbhandles.automation.qmp import Qmp, QmpError
 
 GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
 QEMU = "qemu-system-x86_64"

@@ -19,13 +19,14 @@ import gdb
 
 from gdbhandles import render
 from gdbhandles.errors import HandleError
-from gdbhandles.gdbsession import Session
+from gdbhandles.gdb import settings
+from gdbhandles.gdb.session import Session
 from gdbhandles.records import ReadStats
 
 MASK64 = (1 << 64) - 1
 PROGRESS_EVERY = 0.5        # seconds between progress lines
 
-session: Session | None = None
+session = Session()
 
 
 class _Done(Exception):
@@ -133,101 +134,13 @@ Note: replaces gdb's signal `handle` command while gdbhandles is loaded."""
         gdb.execute("help handle")
 
 
-# --- settings -------------------------------------------------------------------------------
-
-class _SettingsPrefix(gdb.Command):
-    def __init__(self, verb: str):
-        self.__doc__ = f"{verb.capitalize()} gdbhandles settings."
-        self.verb = verb
-        super().__init__(f"{verb} handle", gdb.COMMAND_DATA, prefix=True)
-
-    def invoke(self, argument: str, from_tty: bool) -> None:
-        if self.verb == "show":
-            for name in SETTINGS:
-                gdb.execute(f"show handle {name}")
-        else:
-            gdb.execute("help set handle")
-
-
-class ProfileParameter(gdb.Parameter):
-    """A volatility3 ISF file (JSON, optionally .xz/.gz) with the layout and symbols of a kernel build
-gdbhandles does not ship. Empty: use the shipped profiles."""
-
-    set_doc = "Set the volatility3 ISF profile file for unknown kernel builds."
-    show_doc = "Show the volatility3 ISF profile file."
-
-    def __init__(self):
-        super().__init__("handle profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
-        self.value = ""
-        self.accepted = ""
-
-    def get_set_string(self):
-        if self.value and not os.path.isfile(self.value):
-            missing, self.value = self.value, self.accepted
-            raise gdb.GdbError(f"no such file: {missing}")
-        self.accepted = self.value
-        if session is not None:
-            session.set_profile(self.value)
-        return f"gdbhandles will use {self.value}" if self.value else "gdbhandles will use its shipped profiles"
-
-    def get_show_string(self, svalue):
-        return f"ISF profile: {svalue or '(none: shipped profiles)'}"
-
-
-class QmpParameter(gdb.Parameter):
-    """QEMU's QMP socket: a unix socket path or tcp:127.0.0.1:PORT (for handle pause/resume)."""
-
-    set_doc = "Set the QMP socket of the QEMU guest."
-    show_doc = "Show the QMP socket of the QEMU guest."
-
-    def __init__(self):
-        super().__init__("handle qmp", gdb.COMMAND_DATA, gdb.PARAM_STRING)
-        self.value = ""
-
-    def get_set_string(self):
-        return f"QMP socket: {self.value}" if self.value else "QMP not used"
-
-    def get_show_string(self, svalue):
-        return f"QMP socket: {svalue or '(none)'}"
-
-
-class BooleanParameter(gdb.Parameter):
-    """An on/off `handle` setting: subclasses give its name, texts and default."""
-
-    name = ""
-    shown_as = ""
-    default = False
-
-    def __init__(self):
-        super().__init__(f"handle {self.name}", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
-        self.value = self.default
-
-    def get_set_string(self):
-        return ""
-
-    def get_show_string(self, svalue):
-        return f"{self.shown_as}: {svalue}"
-
-
-class ProgressParameter(BooleanParameter):
-    """Whether long walks report their progress."""
-
-    set_doc = "Set whether long walks report progress."
-    show_doc = "Show whether long walks report progress."
-    name, shown_as, default = "progress", "Progress reports on long walks", True
-
-
-SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter}
-parameters: dict[str, gdb.Parameter] = {}
-
-
 # --- output helpers -------------------------------------------------------------------------
 
 class Progress:
     """Throttled progress lines on gdb's error stream; the last one is overwritten."""
 
     def __init__(self):
-        self.enabled = bool(parameters["progress"].value) if "progress" in parameters else False
+        self.enabled = bool(settings.value("progress"))
         self.last = time.monotonic()
 
     def __call__(self, message: str) -> None:
@@ -312,30 +225,14 @@ def info(args: argparse.Namespace) -> None:
         record = windows.info()
     emit(render.info_json(record) if args.json else render.info_text(record))
     if not args.json:
-        memory = "QEMU physical mode (Qqemu.PhyMemMode)"
-        ram = session.phys.ram
-        ram_text = ", ".join(f"{a:#x}-{b:#x}" for a, b in ram) if ram else "unknown (no monitor)"
-        emit(f"memory access: {memory}; guest RAM: {ram_text}; discoveries this session: {session.opens}")
+        emit(session.memory_text())
 
 
 # --- registration ---------------------------------------------------------------------------
 
-_registered = False
-
-
 def register() -> None:
-    """Create the commands and settings once (sourcing gdbinit.py twice changes nothing)."""
-    global _registered, session
-    if _registered:
-        return
-    from gdbhandles import qmpcommands  # noqa: F401  (declares its subcommands and settings)
-    session = Session()
+    """Create the `handle` prefix, every declared subcommand, and the settings."""
     _HandlePrefix()
     for spec in SUBCOMMANDS.values():
         _GdbSubcommand(spec)
-    _SettingsPrefix("set")
-    _SettingsPrefix("show")
-    for name, cls in SETTINGS.items():
-        parameters[name] = cls()
-    _registered = True
-
+    settings.register()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gdbhandles.errors import HandleError
-from gdbhandles.kernel import Kernel
+from gdbhandles.windows.kernel import Kernel
 
 NAME_INFO_BIT = 0x02
 MAX_NAME = 0x1000            # bytes: longer strings are taken as corrupt and cut

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gdbhandles.errors import CorruptTable
-from gdbhandles.kernel import Kernel
+from gdbhandles.windows.kernel import Kernel
 
 MAX_PROCESSES = 1 << 16
 FIELDS = ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName", "Pcb.DirectoryTableBase")

@@ -1,0 +1,94 @@
+"""A running guest seen through QMP: pause the VM, read a private RAM dump, resume it.
+
+The rule (measured on QEMU 7.2, see README): a QMP `stop` is always safe — if gdb believes
+the target runs, QEMU sends gdb a stop reply and gdb reports a SIGINT stop. A QMP `cont`
+behind gdb's back is not: gdb's next packet would stall 2 s and leave the two out of step. So
+whenever gdb is attached, resuming goes through gdb (`continue &`); QMP `cont` is only used
+when no gdb target is connected. A VM that was already paused stays paused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import gdb
+
+from gdbhandles.automation.qmp import LOW_RAM_LIMIT, Qmp, QmpError
+from gdbhandles.gdb import settings
+from gdbhandles.windows.memory import DumpFile
+
+__all__ = ["gdb_state", "monitor", "paused_dump", "resume"]
+
+
+def monitor() -> Qmp:
+    address = settings.value("qmp")
+    if not address:
+        raise QmpError("no QMP socket: set handle qmp /path/to/qmp.sock (QEMU -qmp unix:PATH,server=on,wait=off)")
+    return Qmp(address)
+
+
+def gdb_state() -> str:
+    """'none' (no target), 'running' or 'stopped', as gdb believes."""
+    thread = gdb.selected_thread()
+    if gdb.selected_inferior().pid == 0 or thread is None:
+        return "none"
+    return "running" if thread.is_running() else "stopped"
+
+
+def _continue_after_stop(event) -> None:
+    """gdb has taken the stop our QMP `stop` caused: resume through gdb, once."""
+    gdb.events.stop.disconnect(_continue_after_stop)
+    gdb.post_event(lambda: gdb.execute("continue &"))
+
+
+def resume(q: Qmp) -> None:
+    state = gdb_state()
+    if state == "none":
+        q.cont()
+    elif state == "stopped":
+        gdb.execute("continue &")
+    else:           # gdb still has to take the stop QEMU sent it; resume right after
+        gdb.events.stop.connect(_continue_after_stop)
+
+
+@contextlib.contextmanager
+def _ram_dump(q: Qmp):
+    """The paused VM's RAM as a DumpFile in a private directory, removed afterwards."""
+    size = q.ram_size()
+    if size > LOW_RAM_LIMIT:
+        raise QmpError(f"guest RAM of {size >> 20} MiB: auto-pause dumps only guests below "
+                       f"{LOW_RAM_LIMIT >> 20} MiB; stop the target in gdb instead")
+    directory = tempfile.mkdtemp(prefix="gdbhandles-")
+    os.chmod(directory, 0o700)
+    dump = None
+    try:
+        path = os.path.join(directory, "ram.raw")
+        q.pmemsave(path, size)
+        dump = DumpFile(path)
+        yield dump
+    finally:
+        if dump is not None:
+            dump.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def paused_dump():
+    """The VM's RAM as a DumpFile, the VM paused for the time of the block and resumed after
+    (also on error or Ctrl-C) unless it was paused before."""
+    q = monitor()
+    try:
+        paused_by_us = q.status() == "running"
+        if paused_by_us:
+            q.stop()
+        try:
+            with _ram_dump(q) as dump:
+                yield dump
+        finally:
+            if paused_by_us:
+                resume(q)
+    finally:
+        q.close()

@@ -1,0 +1,34 @@
+"""`handle pause|resume|vmstatus`: QEMU's run state through QMP, kept in step with gdb's
+(the rule is in paused.py)."""
+
+from __future__ import annotations
+
+from gdbhandles.gdb.commands import emit, subcommand
+from gdbhandles.gdb.paused import gdb_state, monitor, resume
+
+
+@subcommand("pause", "Pause the VM through QMP (gdb then reports a SIGINT stop).", "handle pause")
+def pause(args) -> None:
+    with monitor() as q:
+        if q.status() == "running":
+            q.stop()
+            emit("VM paused" + (" (gdb reports the stop)" if gdb_state() == "running" else ""))
+        else:
+            emit(f"VM already {q.status()}")
+
+
+@subcommand("resume", "Resume the VM: through gdb when it is attached, else through QMP.", "handle resume")
+def resume_command(args) -> None:
+    with monitor() as q:
+        status = q.status()
+        if status == "running" and gdb_state() != "stopped":
+            emit("VM already running")
+            return
+        emit("VM resumed" + (" (through gdb)" if gdb_state() != "none" else " (through QMP)"))
+        resume(q)          # after the message: gdb's `continue &` ends the command's output
+
+
+@subcommand("vmstatus", "Show QEMU's run state (QMP query-status) and gdb's view of it.", "handle vmstatus")
+def vmstatus(args) -> None:
+    with monitor() as q:
+        emit(f"QEMU: {q.status()}; gdb: {gdb_state()}")

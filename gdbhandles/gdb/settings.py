@@ -1,0 +1,124 @@
+"""`set/show handle …`: every gdbhandles setting, as gdb parameters, in one place.
+
+Other modules read a setting with `value(name)`; nothing here calls back into the session
+(the session notices a changed profile the next time it opens the engine).
+"""
+
+from __future__ import annotations
+
+import os
+
+import gdb
+
+__all__ = ["register", "value"]
+
+
+class _SettingsPrefix(gdb.Command):
+    def __init__(self, verb: str):
+        self.__doc__ = f"{verb.capitalize()} gdbhandles settings."
+        self.verb = verb
+        super().__init__(f"{verb} handle", gdb.COMMAND_DATA, prefix=True)
+
+    def invoke(self, argument: str, from_tty: bool) -> None:
+        if self.verb == "show":
+            for name in SETTINGS:
+                gdb.execute(f"show handle {name}")
+        else:
+            gdb.execute("help set handle")
+
+
+class ProfileParameter(gdb.Parameter):
+    """A volatility3 ISF file (JSON, optionally .xz/.gz) with the layout and symbols of a kernel build
+gdbhandles does not ship. Empty: use the shipped profiles."""
+
+    set_doc = "Set the volatility3 ISF profile file for unknown kernel builds."
+    show_doc = "Show the volatility3 ISF profile file."
+
+    def __init__(self):
+        super().__init__("handle profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
+        self.value = ""
+        self.accepted = ""
+
+    def get_set_string(self):
+        if self.value and not os.path.isfile(self.value):
+            missing, self.value = self.value, self.accepted
+            raise gdb.GdbError(f"no such file: {missing}")
+        self.accepted = self.value
+        return f"gdbhandles will use {self.value}" if self.value else "gdbhandles will use its shipped profiles"
+
+    def get_show_string(self, svalue):
+        return f"ISF profile: {svalue or '(none: shipped profiles)'}"
+
+
+class QmpParameter(gdb.Parameter):
+    """QEMU's QMP socket: a unix socket path or tcp:127.0.0.1:PORT (for handle pause/resume)."""
+
+    set_doc = "Set the QMP socket of the QEMU guest."
+    show_doc = "Show the QMP socket of the QEMU guest."
+
+    def __init__(self):
+        super().__init__("handle qmp", gdb.COMMAND_DATA, gdb.PARAM_STRING)
+        self.value = ""
+
+    def get_set_string(self):
+        return f"QMP socket: {self.value}" if self.value else "QMP not used"
+
+    def get_show_string(self, svalue):
+        return f"QMP socket: {svalue or '(none)'}"
+
+
+class BooleanParameter(gdb.Parameter):
+    """An on/off `handle` setting: subclasses give its name, texts and default."""
+
+    name = ""
+    shown_as = ""
+    default = False
+
+    def __init__(self):
+        super().__init__(f"handle {self.name}", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        self.value = self.default
+
+    def get_set_string(self):
+        return ""
+
+    def get_show_string(self, svalue):
+        return f"{self.shown_as}: {svalue}"
+
+
+class ProgressParameter(BooleanParameter):
+    """Whether long walks report their progress."""
+
+    set_doc = "Set whether long walks report progress."
+    show_doc = "Show whether long walks report progress."
+    name, shown_as, default = "progress", "Progress reports on long walks", True
+
+
+class AutoPauseParameter(BooleanParameter):
+    """Whether a walk or lookup of a running guest pauses the VM through QMP (set handle qmp first)."""
+
+    set_doc = "Set whether walks of a running guest pause the VM through QMP."
+    show_doc = "Show whether walks of a running guest pause the VM through QMP."
+    name, shown_as = "auto-pause", "Auto-pause of a running guest through QMP"
+
+    def get_set_string(self):
+        if self.value and not value("qmp"):
+            return "auto-pause is on, but no QMP socket is set (set handle qmp SOCKET)"
+        return ""
+
+
+SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter,
+            "auto-pause": AutoPauseParameter}
+_parameters: dict[str, gdb.Parameter] = {}
+
+
+def value(name: str):
+    """The current value of `set handle NAME` (its default before registration)."""
+    parameter = _parameters.get(name)
+    return parameter.value if parameter is not None else getattr(SETTINGS[name], "default", "")
+
+
+def register() -> None:
+    _SettingsPrefix("set")
+    _SettingsPrefix("show")
+    for name, cls in SETTINGS.items():
+        _parameters[name] = cls()
