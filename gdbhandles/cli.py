@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from gdbhandles import render
@@ -215,8 +216,31 @@ def regress_command(args):
     return 0
 
 
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command that takes none."""
+
+
+@command("gdbinit", "print the path of the gdbinit.py to load in gdb: gdb -x \"$(gdbhandles gdbinit)\"",
+         _no_arguments)
+def gdbinit(args):
+    print(Path(__file__).resolve().parent / "gdbinit.py")
+
+
+class _Version(argparse.Action):
+    """--version: the text as written (argparse's own action rewraps it)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from gdbhandles.version import version_text
+        print(version_text())
+        parser.exit()
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="gdbhandles", description="Windows x64 handle tables of QEMU guests.")
+    top.add_argument("--version", action=_Version, help="print the version and the layout data's provenance")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for spec in COMMANDS.values():
         spec.arguments(sub.add_parser(spec.name, help=spec.help, description=spec.help))

@@ -99,8 +99,9 @@ def test_no_target(loaded):
 
 def test_missing_dependencies_say_how_to_install(tmp_path):
     """gdbinit.py away from its venv and package: one clear message, no traceback."""
-    alone = tmp_path / "gdbinit.py"
-    shutil.copy(GDBINIT, alone)
+    alone = tmp_path / "gdbhandles" / "gdbinit.py"        # the loader, without its package or venv
+    alone.parent.mkdir()
+    shutil.copy(REPO / "gdbhandles" / "gdbinit.py", alone)
     with Gdb() as gdb:
         result = gdb.source(str(alone))
         message = result.log.strip()

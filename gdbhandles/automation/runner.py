@@ -22,7 +22,7 @@ from gdbhandles.errors import HandleError
 from gdbhandles.automation.mi import Gdb, MiError
 from gdbhandles.automation.qmp import Qmp, QmpError
 
-GDBINIT = Path(__file__).resolve().parents[2] / "gdbinit.py"
+GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 20.0
 RESERVED = ("-gdb", "-s", "-qmp", "-S", "-loadvm", "-daemonize")

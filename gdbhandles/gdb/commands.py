@@ -19,9 +19,10 @@ import gdb
 
 from gdbhandles import render
 from gdbhandles.errors import HandleError
-from gdbhandles.gdb import settings
+from gdbhandles.gdb import prefix, settings
 from gdbhandles.gdb.session import Session
 from gdbhandles.records import ReadStats
+from gdbhandles.version import version_text
 
 MASK64 = (1 << 64) - 1
 PROGRESS_EVERY = 0.5        # seconds between progress lines
@@ -37,7 +38,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that talks through gdb: help to gdb's output, errors as one GdbError line."""
 
     def __init__(self, name: str, summary: str, example: str):
-        super().__init__(prog=f"handle {name}", description=summary, epilog=f"Example: {example}",
+        super().__init__(prog=f"{prefix.NAME} {name}", description=summary, epilog=f"Example: {example}",
                          add_help=True, allow_abbrev=False)
 
     def _print_message(self, message, file=None):
@@ -95,7 +96,7 @@ class _GdbSubcommand(gdb.Command):
     def __init__(self, spec: Subcommand):
         self.spec = spec
         self.__doc__ = f"{spec.summary}\nUsage: see `handle {spec.name} --help`.\nExample: {spec.example}"
-        super().__init__(f"handle {spec.name}", gdb.COMMAND_DATA)
+        super().__init__(f"{prefix.NAME} {spec.name}", gdb.COMMAND_DATA)
 
     def invoke(self, argument: str, from_tty: bool) -> None:
         self.dont_repeat()
@@ -122,16 +123,21 @@ class _HandlePrefix(gdb.Command):
 Subcommands: lookup, walk, ps, info; pause, resume, vmstatus (QMP) (`handle SUBCOMMAND --help`).
 Settings: `set handle profile FILE`, `set handle qmp SOCKET`, `set handle auto-pause on|off`,
 `set handle progress on|off`.
-Note: replaces gdb's signal `handle` command while gdbhandles is loaded."""
+Note: replaces gdb's signal `handle` command while gdbhandles is loaded (GDBHANDLES_PREFIX=word
+before loading keeps it; see the README)."""
 
     def __init__(self):
-        super().__init__("handle", gdb.COMMAND_DATA, prefix=True)
+        super().__init__(prefix.NAME, gdb.COMMAND_DATA, prefix=True)
 
     def invoke(self, argument: str, from_tty: bool) -> None:
+        signal_line = prefix.signal_line_error(argument)
+        if signal_line:
+            raise gdb.GdbError(signal_line)
         if argument.strip():
             word = argument.split()[0]
-            raise gdb.GdbError(f"handle: unknown subcommand {word!r}; one of: {', '.join(sorted(SUBCOMMANDS))}")
-        gdb.execute("help handle")
+            raise gdb.GdbError(f"{prefix.NAME}: unknown subcommand {word!r}; one of: "
+                               f"{', '.join(sorted(SUBCOMMANDS))}")
+        gdb.execute(f"help {prefix.NAME}")
 
 
 # --- output helpers -------------------------------------------------------------------------
@@ -226,6 +232,11 @@ def info(args: argparse.Namespace) -> None:
     emit(render.info_json(record) if args.json else render.info_text(record))
     if not args.json:
         emit(session.memory_text())
+
+
+@subcommand("version", "Show the gdbhandles version and where its layout data comes from.", "handle version")
+def version(args: argparse.Namespace) -> None:
+    emit(version_text())
 
 
 # --- registration ---------------------------------------------------------------------------

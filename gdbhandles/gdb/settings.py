@@ -10,6 +10,8 @@ import os
 
 import gdb
 
+from gdbhandles.gdb.prefix import NAME as PREFIX
+
 __all__ = ["register", "value"]
 
 
@@ -17,14 +19,14 @@ class _SettingsPrefix(gdb.Command):
     def __init__(self, verb: str):
         self.__doc__ = f"{verb.capitalize()} gdbhandles settings."
         self.verb = verb
-        super().__init__(f"{verb} handle", gdb.COMMAND_DATA, prefix=True)
+        super().__init__(f"{verb} {PREFIX}", gdb.COMMAND_DATA, prefix=True)
 
     def invoke(self, argument: str, from_tty: bool) -> None:
         if self.verb == "show":
             for name in SETTINGS:
-                gdb.execute(f"show handle {name}")
+                gdb.execute(f"show {PREFIX} {name}")
         else:
-            gdb.execute("help set handle")
+            gdb.execute(f"help set {PREFIX}")
 
 
 class ProfileParameter(gdb.Parameter):
@@ -35,7 +37,7 @@ gdbhandles does not ship. Empty: use the shipped profiles."""
     show_doc = "Show the volatility3 ISF profile file."
 
     def __init__(self):
-        super().__init__("handle profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
+        super().__init__(f"{PREFIX} profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
         self.value = ""
         self.accepted = ""
 
@@ -57,7 +59,7 @@ class QmpParameter(gdb.Parameter):
     show_doc = "Show the QMP socket of the QEMU guest."
 
     def __init__(self):
-        super().__init__("handle qmp", gdb.COMMAND_DATA, gdb.PARAM_STRING)
+        super().__init__(f"{PREFIX} qmp", gdb.COMMAND_DATA, gdb.PARAM_STRING)
         self.value = ""
 
     def get_set_string(self):
@@ -75,7 +77,7 @@ class BooleanParameter(gdb.Parameter):
     default = False
 
     def __init__(self):
-        super().__init__(f"handle {self.name}", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
+        super().__init__(f"{PREFIX} {self.name}", gdb.COMMAND_DATA, gdb.PARAM_BOOLEAN)
         self.value = self.default
 
     def get_set_string(self):

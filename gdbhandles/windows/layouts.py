@@ -247,3 +247,8 @@ class IsfLayout(Layout):
     def _own_size(self, struct):
         entry = self.isf["user_types"].get(struct)
         return entry["size"] if entry else None
+
+
+def known_kernels() -> int:
+    """How many kernels (PDB GUID + age) the shipped index knows by name."""
+    return len(_index())
