@@ -16,7 +16,7 @@ def test_default_guest_matches_truth(built_guest, profile):
     check_guest(d / "memory.raw", json.loads((d / "truth.json").read_text()))
 
 
-@pytest.mark.parametrize("scenario", ["level2", "kpti", "churn", "big"])
+@pytest.mark.parametrize("scenario", ["level2", "kpti", "churn", "big", "leak"])
 def test_scenarios_match_truth(built_guest, scenario):
     d = built_guest("19041", scenario)
     truth = json.loads((d / "truth.json").read_text())
@@ -31,6 +31,13 @@ def test_scenarios_match_truth(built_guest, scenario):
     if scenario == "kpti":
         assert [v["cpl"] for v in truth["vcpus"]] == [0, 3]
         assert all(p["user_dtb"] for p in truth["processes"] if p["pid"] != 4)
+    if scenario == "leak":
+        check_leak_plan(truth)
+        raw = Raw(d / "memory.raw")
+        try:
+            assert Guest(raw, truth).q(truth["leak"]["done"]) == 0
+        finally:
+            raw.close()
     if scenario == "churn":
         c = truth["churn"]
         assert c["pid"] in pids and c["states"]["A"] != c["states"]["B"]
@@ -44,6 +51,32 @@ def test_scenarios_match_truth(built_guest, scenario):
             assert [h for h in truth["handles"] if h["pid"] == c["pid"]] == c["states"]["A"]
         finally:
             raw.close()
+
+
+def apply(records: list[dict], operations: list[dict]) -> dict:
+    """The handles after `operations` (truth["leak"]), by (pid, handle)."""
+    state = {(r["pid"], r["handle"]): r for r in records}
+    for op in operations:
+        if op["op"] == "open":
+            key = op["record"]["pid"], op["record"]["handle"]
+            assert key not in state, key
+            state[key] = op["record"]
+        else:
+            del state[op["pid"], op["handle"]]
+    return state
+
+
+def check_leak_plan(truth):
+    """leaky.exe only gains; every other process ends where it started plus at most one."""
+    leak, start = truth["leak"], truth["handles"]
+    end = apply(start, leak["operations"])
+    count = lambda records, pid: sum(1 for r in records if r["pid"] == pid)
+    gained = count(end.values(), leak["pid"]) - count(start, leak["pid"])
+    assert gained == sum(1 for op in leak["operations"] if op["op"] == "open"
+                         and op["record"]["pid"] == leak["pid"]) >= 100
+    others = {r["pid"] for r in start} - {leak["pid"]}
+    assert sorted(count(end.values(), pid) - count(start, pid) for pid in others)[-1] == 1
+    assert sum(count(end.values(), pid) - count(start, pid) for pid in others) == 1
 
 
 def test_same_inputs_same_bytes():

@@ -80,7 +80,7 @@ def test_symbols_sit_at_the_profile_rvas_in_fitting_sections(kernel):
         code = name.startswith(("Ps", "Ob", "Ki", "Ke", "Io", "Ex")) and name not in (
             "PsActiveProcessHead", "PspCidTable", "ObpKernelHandleTable", "ObTypeIndexTable", "ObHeaderCookie",
             "ObpInfoMaskToOffset", "PsInitialSystemProcess", "KiKvaShadow", "ObpRootDirectoryObject",
-            "ObpTypeObjectType", "PsLoadedModuleList", "KiGuestChurnParameters")
+            "ObpTypeObjectType", "PsLoadedModuleList", "KiGuestChurnParameters", "KiGuestLeakParameters")
         if code:
             assert ch & 0x20000000 and not ch & 0x80000000, name                 # executable, not writable
         elif name != "NtBuildNumber":

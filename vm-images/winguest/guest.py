@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import cpu as cpumod
 from .churn import lay_out as churn_lay_out
+from .leak import lay_out as leak_lay_out, moving as leak_moving
 from .handles import HandleTable
 from .kernel_image import build_kernel_image
 from .isf import build_isf
@@ -49,6 +50,7 @@ class World:
     kvashadow: bool
     tables: list[HandleTable] = field(default_factory=list)
     churn: tuple | None = None          # (process, its table's state B) in the churn scenario
+    leak: list | None = None            # the leak routine's operations in the leak scenario
 
     def process(self, name: str, pid: int, ppid: int, exiting: bool = False) -> Process:
         p = self.pb.create(name, pid, ppid, system=pid == 4, exiting=exiting)
@@ -99,6 +101,8 @@ class GuestBuilder:
         self.handle_tables()
         if self.world.churn:
             self.extra_truth["churn"] = churn_lay_out(self, *self.world.churn)
+        if self.world.leak:
+            self.extra_truth["leak"] = leak_lay_out(self, self.world.leak)
         self.processors()
         for p in self.procs:
             self.pb.write(p, self.kvashadow)
@@ -220,8 +224,9 @@ class GuestBuilder:
         """Paged-pool pages on the standby list (transition PTEs: data still there, tools must
         follow them) and a few paged out to the page file (nothing references those)."""
         rng, kmem = self.rng, self.kmem
-        churning = self.world.churn[0] if self.world.churn else None
-        users = [p for p in self.procs[1:] if p.table is not None and p is not churning]
+        moving = {self.world.churn[0].pid} if self.world.churn else set()
+        moving |= leak_moving(self.world.leak) if self.world.leak else set()
+        users = [p for p in self.procs[1:] if p.table is not None and p.pid not in moving]
         picks = {users[len(users) // 2].table.pages[0]}
         named = [e.obj for p in users for _, e in p.table.used if e.obj.type == "Key"]
         if named:
@@ -236,7 +241,7 @@ class GuestBuilder:
 
     def vcpu_records(self) -> list[dict]:
         out = []
-        entry = self.image.va(IMAGE_NAMES["churn" if self.scenario == "churn" else "idle"])
+        entry = self.image.va(IMAGE_NAMES[self.scenario if self.scenario in ("churn", "leak") else "idle"])
         for c, t in zip(self.cpus, self.current):
             owner = next(p for p in self.procs if t in p.threads)
             v = {"index": c.index, "cpl": 0, "cr3": owner.dtb, "gs_base": c.kpcr, "k_gs_base": 0,
@@ -278,6 +283,7 @@ class GuestBuilder:
 
 # Names of the kernel image's symbols the guest runs or fills (besides the real globals).
 IMAGE_NAMES = {"idle": "KiIdleLoop", "churn": "KiGuestChurn", "churn_params": "KiGuestChurnParameters",
+               "leak": "KiGuestLeak", "leak_params": "KiGuestLeakParameters", "leak_step": "KiGuestLeakStep",
                "idt": "KiIdtHandler{:02X}"}
 
 

@@ -39,6 +39,7 @@ class HandleTable:
     pages: list[int] = field(default_factory=list)       # low-level page VAs in index order
     next_handle_needing_pool: int = 0
     freed: list[int] = field(default_factory=list)
+    reserve_pages: int = 1      # low-level pages to allocate at least (room to grow at run time)
 
     def add(self, obj: KObject, access: int, attributes: int = 0, index: int | None = None) -> int:
         """Put obj in the next free slot (or `index`); returns the handle value."""
@@ -68,7 +69,7 @@ class HandleTable:
     @property
     def npages(self) -> int:
         top = max(list(self.slots) + [v // 4 for v in self.freed] + [1])
-        return top // LOW + 1
+        return max(top // LOW + 1, self.reserve_pages)
 
     @property
     def level(self) -> int:
@@ -121,22 +122,7 @@ class HandleTable:
             if L.is_win7:
                 L.put(buf[p], 0, "_HANDLE_TABLE_ENTRY", "NextFreeTableEntry", ADDITIONAL_INFO_SIGNATURE)
         for index, e in self.slots.items():
-            b, at = buf[index // LOW], (index % LOW) * 16
-            if L.is_win7:
-                attrs = (INHERIT if e.attributes & INHERIT else 0) | (AUDIT if e.attributes & AUDIT else 0)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "Object", e.target | 1 | attrs)
-                acc = e.access | (WIN7_PROTECT_BIT if e.attributes & PROTECT_CLOSE else 0)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "GrantedAccess", acc)
-            else:
-                _, _, ref_len = L.bits("_HANDLE_TABLE_ENTRY", "RefCnt")
-                _, _, ptr_len = L.bits("_HANDLE_TABLE_ENTRY", "ObjectPointerBits")
-                refcnt = self.rng.choice([0x7FFF, 0x7FFF, 0x7FFE, 0x7FFD, 0x7FF8]) & ((1 << ref_len) - 1)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "Unlocked", 1)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "RefCnt", 0 if self.cid else refcnt)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "Attributes", e.attributes)
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "ObjectPointerBits",
-                      (e.target >> 4) & ((1 << ptr_len) - 1))
-                L.put(b, at, "_HANDLE_TABLE_ENTRY", "GrantedAccessBits", e.access)
+            self.put_entry(buf[index // LOW], (index % LOW) * 16, e)
         for here, nxt in zip(chain, chain[1:] + [None]):
             b, at = buf[here // LOW], (here % LOW) * 16
             if L.is_win7:
@@ -145,6 +131,24 @@ class HandleTable:
                 L.put(b, at, "_HANDLE_TABLE_ENTRY", "NextFreeHandleEntry",
                       0 if nxt is None else self.entry_va(nxt))
         return {p: bytes(data) for p, data in buf.items()}
+
+    def put_entry(self, b: bytearray, at: int, e: Entry) -> None:
+        """Write one used entry in this build's form at b[at:at + 16]."""
+        L = self.layout
+        if L.is_win7:
+            attrs = (INHERIT if e.attributes & INHERIT else 0) | (AUDIT if e.attributes & AUDIT else 0)
+            L.put(b, at, "_HANDLE_TABLE_ENTRY", "Object", e.target | 1 | attrs)
+            acc = e.access | (WIN7_PROTECT_BIT if e.attributes & PROTECT_CLOSE else 0)
+            L.put(b, at, "_HANDLE_TABLE_ENTRY", "GrantedAccess", acc)
+            return
+        _, _, ref_len = L.bits("_HANDLE_TABLE_ENTRY", "RefCnt")
+        _, _, ptr_len = L.bits("_HANDLE_TABLE_ENTRY", "ObjectPointerBits")
+        refcnt = self.rng.choice([0x7FFF, 0x7FFF, 0x7FFE, 0x7FFD, 0x7FF8]) & ((1 << ref_len) - 1)
+        L.put(b, at, "_HANDLE_TABLE_ENTRY", "Unlocked", 1)
+        L.put(b, at, "_HANDLE_TABLE_ENTRY", "RefCnt", 0 if self.cid else refcnt)
+        L.put(b, at, "_HANDLE_TABLE_ENTRY", "Attributes", e.attributes)
+        L.put(b, at, "_HANDLE_TABLE_ENTRY", "ObjectPointerBits", (e.target >> 4) & ((1 << ptr_len) - 1))
+        L.put(b, at, "_HANDLE_TABLE_ENTRY", "GrantedAccessBits", e.access)
 
     def _write_struct(self, kmem: KernelMemory, chain: list[int]) -> None:
         L = self.layout

@@ -38,7 +38,8 @@ RSRC = 0x42000040                   # INITIALIZED_DATA | MEM_READ | DISCARDABLE
 PROFILE_FUNCTIONS = {"PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId", "KiSystemStartup",
                      "KiSystemCall64", "KiSystemCall64Shadow", "ObReferenceObjectByHandle"}
 DATA_SIZES = {"ObTypeIndexTable": 0x100 * 8, "ObpInfoMaskToOffset": 0x100, "KdDebuggerDataBlock": 0x360,
-              "KiGuestChurnParameters": 0x40, "PsLoadedModuleList": 0x10, "PsActiveProcessHead": 0x10,
+              "KiGuestChurnParameters": 0x40, "KiGuestLeakParameters": 0x40, "PsLoadedModuleList": 0x10,
+              "PsActiveProcessHead": 0x10,
               "NtBuildNumber": 4, "ObHeaderCookie": 1, "KiKvaShadow": 1}
 DATA_EXPORTS = ("PsInitialSystemProcess", "NtBuildNumber", "PsLoadedModuleList")
 EXTRA_GLOBALS = ("PsActiveProcessHead", "PspCidTable", "ObpKernelHandleTable", "ObTypeIndexTable",
@@ -308,6 +309,8 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     mov cr3, rax
     iretq"""
     f["KiGuestChurn"] = CHURN
+    f["KiGuestLeak"] = LEAK
+    f["KiGuestLeakStep"] = LEAK_STEP
     return f
 
 
@@ -358,6 +361,52 @@ CHURN = """
     pause
     dec r8
     jnz .hold
+    ret"""
+
+# The leak routine (scenario `leak`): applies a list of 32-byte operations to live handle
+# table entries, one per step: +00 entry VA, +08 new low qword (0: a close), +10 new high
+# qword, +18 added to the leaked-handle counter. An open writes the high qword first and a
+# close the low one first, so the object pointer decides. After each operation it bumps the
+# operations-done counter and calls KiGuestLeakStep (a delay; a breakpoint there sees a
+# whole number of operations). Parameter block KiGuestLeakParameters, filled by the builder:
+#   +00 operations VA  +08 operation count  +10 operations-done counter VA
+#   +18 leaked-handle counter VA  +20 delay loop count
+LEAK = """
+    lea rbx, [rel {KiGuestLeakParameters}]
+.next:
+    mov rdx, [rbx + 10h]
+    mov rcx, [rdx]
+    cmp rcx, [rbx + 8]
+    jae .idle
+    shl rcx, 5
+    add rcx, [rbx]
+    mov rdi, [rcx]
+    mov rax, [rcx + 8]
+    mov rsi, [rcx + 10h]
+    test rax, rax
+    jz .close
+    mov [rdi + 8], rsi
+    mov [rdi], rax
+    jmp .count
+.close:
+    mov [rdi], rax
+    mov [rdi + 8], rsi
+.count:
+    mov rax, [rcx + 18h]
+    mov rsi, [rbx + 18h]
+    add [rsi], rax
+    lock inc qword [rdx]
+    call {KiGuestLeakStep}
+    jmp .next
+.idle:
+    pause
+    jmp .idle"""
+LEAK_STEP = """
+    mov r8, [rbx + 20h]
+.delay:
+    pause
+    dec r8
+    jnz .delay
     ret"""
 
 IDT_STUB = """
@@ -618,6 +667,7 @@ def build_kernel_image(profile: dict, *, guid: str, age: int, base: int, rng: ra
         else:
             planner.place(name, 0x180, where)
     planner.place("KiGuestChurnParameters", DATA_SIZES["KiGuestChurnParameters"], data, align=64)
+    planner.place("KiGuestLeakParameters", DATA_SIZES["KiGuestLeakParameters"], data, align=64)
     if cookie and "ObHeaderCookie" not in fixed:          # an extra profile templated on a build without one
         planner.place("ObHeaderCookie", 1, data, align=4)
     symbols = planner.symbols

@@ -243,4 +243,13 @@ def churn(pop: Population) -> list:
     return procs
 
 
-SCENARIOS = {"default": default, "kpti": default, "churn": churn, "big": big, "level2": level2}
+def leak(pop: Population) -> list:
+    """default, plus leaky.exe, which the guest kernel makes gain handles while it runs,
+    and other processes opening and closing handles in balance (leak.py)."""
+    from .leak import plan
+    procs = default(pop)
+    pop.w.leak = plan(pop, procs)
+    return procs
+
+
+SCENARIOS = {"default": default, "kpti": default, "churn": churn, "big": big, "level2": level2, "leak": leak}

@@ -12,6 +12,7 @@ def process_record(p) -> dict:
             "handle_table": t.va if t else 0, "table_code": t.table_code if t else 0,
             "level": t.level if t else None,
             "next_handle_needing_pool": t.next_handle_needing_pool if t else 0,
+            "free_list": [i * 4 for i in t.free_chain()] if t else [],
             "threads": [{"tid": th.tid, "ethread": th.ethread} for th in p.threads]}
 
 
