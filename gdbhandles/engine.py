@@ -95,13 +95,16 @@ class Windows:
 
     def walk(self, target: int | str | None = None, type: str | None = None, name: str | None = None,
              progress: Progress | None = None,
-             warn: Callable[[WalkWarning], None] | None = None) -> Iterator[HandleRecord]:
+             warn: Callable[[WalkWarning], None] | None = None,
+             object: int | None = None) -> Iterator[HandleRecord]:
         """Every handle of one process (pid or image name) or of all, in list and handle order.
+        `object` (a body address) keeps only the entries pointing to it, before any decoding.
         Unreadable pages and bad entries become warnings (`warn` or `self.warnings`)."""
         report = warn or self.warnings.append
         chosen = self._select(target)
         wanted_type = type.lower() if type else None
         wanted_name = name.lower() if name else None
+        wanted_header = None if object is None else object - self.objects.body_offset
         total = 0
         for number, process in enumerate(chosen, 1):
             if progress:
@@ -114,6 +117,8 @@ class Windows:
                 report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
                 continue
             for page in table.pages():
+                if wanted_header is not None:
+                    page = [e for e in page if isinstance(e, Problem) or e.header == wanted_header]
                 used = [e for e in page if isinstance(e, Entry) and e.header is not None]
                 self.objects.prefetch([e.header for e in used])
                 for item in page:

@@ -103,3 +103,32 @@ class InfoRecord:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class CidRecord:
+    """One PspCidTable entry: a process or thread id and the object it names."""
+    id: int
+    object: int                  # _EPROCESS or _ETHREAD body address
+    type: str | None             # Process | Thread (anything else is a damaged entry)
+    pid: int | None              # the process, or the thread's owning process
+    tid: int | None              # None for a process
+    process: str | None          # image name of that process
+    entry: int                   # _HANDLE_TABLE_ENTRY address
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FreeEntryRecord:
+    """A handle table entry holding no object, and its place in the kernel's free list."""
+    pid: int
+    process: str
+    handle: int
+    entry: int                   # _HANDLE_TABLE_ENTRY address
+    status: str                  # free (closed) | never_allocated
+    free_position: int | None    # 0 = the next handle the kernel hands out; None: not on the list
+
+    def to_json(self) -> dict:
+        return asdict(self)

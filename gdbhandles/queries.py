@@ -1,0 +1,103 @@
+"""Questions a person stopped in a Windows kernel asks beyond "what is this handle": which
+process the vCPU is running, who holds an object, what a process or thread id names
+(PspCidTable), and which entries are free. Built on the engine facade (engine.Windows).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from gdbhandles.engine import STATUS_TEXT, Windows
+from gdbhandles.errors import BadHandle, HandleError
+from gdbhandles.records import CidRecord, FreeEntryRecord, WalkWarning
+from gdbhandles.windows import kernel as kernel_module
+from gdbhandles.windows.cid_table import cid_table, identity
+from gdbhandles.windows.eprocess import Process, read_process
+from gdbhandles.windows.free_list import free_list
+from gdbhandles.windows.handle_table import Entry, HandleTable, Problem
+
+__all__ = ["current_process", "cid", "cid_all", "free_entries"]
+
+
+def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
+    """The process whose address space vCPU `vcpu` runs in (KPCR -> Prcb.CurrentThread ->
+    ApcState.Process), and one line saying how it was found."""
+    if vcpu >= len(windows.registers):
+        raise HandleError(f"the current process needs the registers of vCPU {vcpu} (only a live guest has them)")
+    registers = windows.registers[vcpu]
+    kpcr = kernel_module.vcpu_kpcr(registers)
+    if kpcr is None:
+        raise HandleError(f"vCPU {vcpu} has no kernel GS base (KPCR), so no current process")
+    kernel = windows.kernel
+    layout, space = kernel.layout, kernel.space
+    thread = space.u64(kpcr + layout.offset("_KPCR", "Prcb.CurrentThread"))
+    attached = space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process"))
+    owner = space.u64(thread + layout.offset("_KTHREAD", "Process"))
+    process = read_process(kernel, attached)
+    mode = "user mode, KPCR from KERNEL_GS_BASE" if registers.get("cs", 0) & 3 else "kernel mode, KPCR from GS base"
+    note = f"current process of vCPU {vcpu} ({mode}): {process.name}({process.pid}), thread {thread:#x}"
+    if owner != attached:
+        note += f" of {read_process(kernel, owner).name}, attached to this process"
+    return process, note
+
+
+def _cid_record(windows: Windows, entry: Entry) -> CidRecord:
+    """The entry's pointer is the object body: its header sits Body bytes below it."""
+    body = entry.header
+    found = windows.objects.decode(body - windows.objects.body_offset)
+    who = identity(windows.kernel, body, found.type)
+    return CidRecord(entry.handle, body, found.type, who.pid if who else None, who.tid if who else None,
+                     who.process if who else None, entry.address)
+
+
+def cid(windows: Windows, number: int) -> CidRecord:
+    """The process or thread with this id, through PspCidTable; BadHandle names why not."""
+    table = cid_table(windows.kernel, windows.format)
+    status, entry, _path = table.lookup(number)
+    if status != "valid":
+        raise BadHandle(f"id {number} ({number:#x}) is not in PspCidTable: its entry {STATUS_TEXT[status]}")
+    return _cid_record(windows, entry)
+
+
+def cid_all(windows: Windows) -> list[CidRecord]:
+    """Every id in PspCidTable, in id order; bad entries become warnings (windows.warnings)."""
+    table = cid_table(windows.kernel, windows.format)
+    records = []
+    for item in table.entries():
+        if isinstance(item, Problem):
+            windows.warnings.append(WalkWarning(0, "PspCidTable", item.message, item.handle))
+        elif item.header is not None:
+            try:
+                records.append(_cid_record(windows, item))
+            except HandleError as exc:
+                windows.warnings.append(WalkWarning(0, "PspCidTable", f"object {item.header:#x}: {exc}",
+                                                    item.handle))
+    return records
+
+
+def free_entries(windows: Windows, target: int | str | None = None, warn=None) -> Iterator[FreeEntryRecord]:
+    """Every entry without an object of the chosen processes, with its free-list position."""
+    report = warn or windows.warnings.append
+    for process in windows._select(target):
+        if not process.table:
+            continue
+        try:
+            table = HandleTable(windows.kernel, process.table, windows.format)
+            order = free_list(table)
+        except HandleError as exc:
+            report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
+            continue
+        if order.problem:
+            report(WalkWarning(process.pid, process.name, f"{order.source}: {order.problem}"))
+        entries = []
+        for item in table.entries():
+            if isinstance(item, Problem):
+                report(WalkWarning(process.pid, process.name, item.message, item.handle))
+            else:
+                entries.append(item)
+        highest = max((e.handle for e in entries if e.header is not None), default=0)
+        for e in entries:
+            if e.header is None:
+                status = "never_allocated" if e.empty or e.handle > highest else "free"
+                yield FreeEntryRecord(process.pid, process.name, e.handle, e.address, status,
+                                      order.position.get(e.handle))

@@ -1,0 +1,93 @@
+"""The workflow queries on the test guests' memory.raw against truth.json: the current
+process of each vCPU, who holds an object, PspCidTable, free entries and their free-list
+order, and the diff of two sets of records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gdbhandles import diff, queries
+from gdbhandles.engine import Windows
+from gdbhandles.errors import BadHandle
+from gdbhandles.windows.memory import DumpFile
+
+
+def registers(truth: dict) -> list[dict]:
+    """The vCPUs as gdb would report them (CS from the privilege level)."""
+    return [{"rip": v["rip"], "cs": 0x33 if v["cpl"] else 0x10, "cr3": v["cr3"], "gs_base": v["gs_base"],
+             "k_gs_base": v["k_gs_base"]} for v in truth["vcpus"]]
+
+
+def opened(profile: str, scenario: str, built_guest) -> tuple[Windows, dict]:
+    directory = built_guest(profile, scenario)
+    truth = json.loads((directory / "truth.json").read_text())
+    return Windows.open(DumpFile(directory / "memory.raw"), registers=registers(truth)), truth
+
+
+@pytest.mark.parametrize("profile,scenario", [("7601", "default"), ("19041", "kpti"), ("22000", "kpti")])
+def test_current_process_of_each_vcpu(built_guest, profile, scenario):
+    windows, truth = opened(profile, scenario, built_guest)
+    for index, vcpu in enumerate(truth["vcpus"]):
+        process, note = queries.current_process(windows, index)
+        assert process.pid == vcpu["pid"]
+        assert f"({vcpu['pid']})" in note and ("KERNEL_GS_BASE" in note) == bool(vcpu["cpl"])
+
+
+@pytest.mark.parametrize("profile", ["7601", "9200", "19041", "22000"])
+def test_cid_table_names_every_process_and_thread(built_guest, profile):
+    windows, truth = opened(profile, "default", built_guest)
+    records = queries.cid_all(windows)
+    assert windows.warnings == []
+    expected = {p["pid"]: ("Process", p["eprocess"], p["pid"], None) for p in truth["processes"]}
+    expected.update({t["tid"]: ("Thread", t["ethread"], p["pid"], t["tid"])
+                     for p in truth["processes"] for t in p["threads"]})
+    assert {r.id: (r.type, r.object, r.pid, r.tid) for r in records} == expected
+    names = {p["pid"]: p["name"] for p in truth["processes"]}
+    assert all(r.process == names[r.pid] for r in records)
+    thread = truth["processes"][-1]["threads"][0]
+    assert queries.cid(windows, thread["tid"]).object == thread["ethread"]
+    with pytest.raises(BadHandle, match="not in PspCidTable"):
+        queries.cid(windows, max(expected) + 4)
+
+
+@pytest.mark.parametrize("profile", ["7601", "9200", "9600", "19041", "22000"])
+def test_free_entries_in_free_list_order(built_guest, profile):
+    windows, truth = opened(profile, "default", built_guest)
+    free = list(queries.free_entries(windows))
+    assert windows.warnings == []
+    for process in truth["processes"]:
+        mine = [r for r in free if r.pid == process["pid"]]
+        ordered = sorted((r for r in mine if r.free_position is not None), key=lambda r: r.free_position)
+        assert [r.handle for r in ordered] == process["free_list"]
+        assert {r.handle for r in mine} == set(process["free_list"])
+    statuses = {(r.pid, r.handle): r.status for r in free}
+    for item in truth["invalid"]:
+        if item["reason"] in ("free", "never_allocated"):
+            assert statuses[item["pid"], item["handle"]] == item["reason"]
+
+
+def test_find_by_object_and_name(built_guest):
+    windows, truth = opened("19041", "default", built_guest)
+    pids: dict[int, set] = {}
+    for record in truth["handles"]:
+        pids.setdefault(record["object"], set()).add(record["pid"])
+    shared = max(pids, key=lambda o: len(pids[o]))
+    holders = [r for r in truth["handles"] if r["object"] == shared]
+    assert len({r["pid"] for r in holders}) > 1
+    assert [r.to_json() for r in windows.walk(object=shared)] == holders
+    named = [r for r in truth["handles"] if r["type"] == "File" and "pagefile" in (r["name"] or "").lower()]
+    assert [r.to_json() for r in windows.walk(type="File", name="PAGEFILE")] == named
+
+
+def test_diff_reports_by_process():
+    before = [{"pid": 8, "process": "a", "handle": 4, "object": 1, "type": "Event", "name": None,
+               "granted_access": 1, "attributes": 0},
+              {"pid": 12, "process": "b", "handle": 8, "object": 2, "type": "File", "name": "x",
+               "granted_access": 1, "attributes": 0}]
+    after = [dict(before[0], granted_access=3), dict(before[1], handle=12)]
+    found = diff.compare(before, after)
+    lines = diff.report(found, by_process=True).splitlines()
+    assert [line[0] for line in lines[:-1]] == ["~", "-", "+"]
+    assert lines[-1] == "1 added, 1 removed, 1 changed"
+    assert diff.to_json(found)["changed"] == [{"old": before[0], "new": after[0]}]
