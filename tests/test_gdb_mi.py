@@ -61,3 +61,18 @@ def test_attach_read_run_interrupt():
         stop = gdb.interrupt()
         assert stop["payload"]["reason"] == "signal-received"
         assert gdb.console("output/x $r15") == "0x1122334455667788"
+
+
+@pytest.mark.integration
+def test_stop_record_read_with_the_interrupt_answer_is_kept():
+    """A loaded machine reads gdb late: `^done` of -exec-interrupt and the `*stopped` that
+    follows it then arrive in one read. The stop must still be there for wait_async."""
+    with qemu() as port, Gdb(timeout=30) as gdb:
+        gdb.connect("127.0.0.1", port)
+        for _ in range(3):
+            gdb.cont()
+            token = gdb.send("-exec-interrupt")
+            time.sleep(1)       # a busy reader: gdb has answered and reported the stop meanwhile
+            gdb.result(token)
+            stop = gdb.wait_async("stopped", timeout=10)
+            assert stop["payload"]["reason"] == "signal-received"

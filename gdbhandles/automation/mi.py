@@ -6,6 +6,9 @@ we read until *its* result record arrives, with `time_to_check_for_additional_ou
 set to 0 after construction (passing 0 to the constructor would make every read wait
 for the full timeout). Async records (`*stopped`, `=thread-created`, …) that arrive
 between commands are kept in a backlog so a later wait cannot match a stale one.
+One read can return several records: those after the result record we waited for (on a
+loaded machine, `^done` of -exec-interrupt together with the `*stopped` that follows it)
+stay unread for the next reader instead of being lost.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Gdb:
             raise MiError(f"gdb not found: {gdb} (apt-get install gdb)")
         self.timeout = timeout
         self.backlog: list[dict] = []
+        self._unread: list[dict] = []
         self._token = 0
         self._ctrl = GdbController(command=[path, "--nx", "--quiet", "--interpreter=mi3", *args])
         self._ctrl.io_manager.time_to_check_for_additional_output_sec = 0
@@ -79,6 +83,9 @@ class Gdb:
         return proc.pid if proc else None
 
     def _read(self, timeout: float) -> list[dict]:
+        if self._unread:
+            records, self._unread = self._unread, []
+            return records
         if self._ctrl.gdb_process is None:
             raise MiError("gdb is not running")
         records = self._ctrl.get_gdb_response(timeout_sec=timeout, raise_error_on_timeout=False)
@@ -99,9 +106,11 @@ class Gdb:
         log: list[str] = []
         mine: list[dict] = []
         while True:
-            for rec in self._read(POLL):
+            records = self._read(POLL)
+            for i, rec in enumerate(records):
                 kind = rec.get("type")
                 if kind == "result" and rec.get("token") == token:
+                    self._unread = records[i + 1:]
                     text, errtext = "".join(console), "".join(log)
                     payload = rec.get("payload")
                     if rec.get("message") == "error":
@@ -166,7 +175,8 @@ class Gdb:
 
     def drain(self) -> None:
         """Forget async records seen so far (after connect, after a stop we waited for)."""
-        self.backlog.extend(r for r in self._read(0) if r.get("type") in ("notify", "exec", "status"))
+        self._unread.clear()
+        self._read(0)
         self.backlog.clear()
 
     def connect(self, host: str, port: int, timeout: float | None = None) -> None:
