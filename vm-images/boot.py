@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Boot a built guest under QEMU (TCG): gdbstub on 127.0.0.1, QMP on a private unix socket.
 
-python vm-images/boot.py DIR [--gdb-port P] [--qmp PATH] [--snapshot NAME] [--smp N]
+python vm-images/boot.py DIR [--gdb-port P] [--qmp PATH] [--snapshot NAME] [--smp N] [--ram-mib M]
 prints `gdb-port P` and `qmp PATH` once the guest reached its steady state, then runs
 until Ctrl-C/SIGTERM and cleans up (QEMU killed, socket directory removed).
 """
@@ -91,9 +91,9 @@ ACCELS = {"tcg": ["-accel", "tcg"], "kvm": ["-accel", "kvm"],
 
 
 def qemu_command(guest: Path, cfg: dict, port: int, qmp: str, disk: Path, smp: int,
-                 snapshot: str | None, accel: str = "tcg") -> list[str]:
+                 snapshot: str | None, accel: str = "tcg", ram_mib: int | None = None) -> list[str]:
     f = cfg["files"]
-    cmd = [QEMU, *ACCELS[accel], "-machine", "pc", "-cpu", "qemu64", "-m", str(cfg["ram_mib"]),
+    cmd = [QEMU, *ACCELS[accel], "-machine", "pc", "-cpu", "qemu64", "-m", str(ram_mib or cfg["ram_mib"]),
            "-smp", str(smp), "-display", "none", "-no-reboot", "-nodefaults", "-serial", "none",
            "-kernel", str(guest / f["kernel"]),
            "-device", f"loader,file={guest / f['blob']},addr={cfg['blob_base']:#x},force-raw=on",
@@ -127,8 +127,9 @@ def steady(states: list[tuple[int, int]], cfg: dict) -> bool:
 @contextlib.contextmanager
 def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
            snapshot: str | None = None, smp: int | None = None, disk: Path | None = None,
-           timeout: float = 60.0, accel: str = "tcg"):
+           timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None):
     """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc).
+    `ram_mib` gives the guest more RAM than it was built with (TCG allocates untouched RAM lazily).
 
     Without `snapshot` or `disk` the guest gets a fresh private disk, so that tests can boot
     one cached guest several times at once (QEMU locks its disk images)."""
@@ -147,7 +148,7 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
             else:
                 disk = tmp / "disk.qcow2"
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-        cmd = qemu_command(guest, cfg, port, qmp_path, Path(disk), smp or cfg["smp"], snapshot, accel)
+        cmd = qemu_command(guest, cfg, port, qmp_path, Path(disk), smp or cfg["smp"], snapshot, accel, ram_mib)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o077))
         try:
@@ -191,6 +192,7 @@ def main() -> int:
     ap.add_argument("--snapshot")
     ap.add_argument("--smp", type=int)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--ram-mib", type=int, help="guest RAM in MiB (default: what the guest was built with)")
     ap.add_argument("--accel", choices=sorted(ACCELS), default="tcg",
                     help="tcg (default: the tests' guests boot in well under a second and alike on every "
                          "machine), kvm, or auto (KVM when usable, else TCG)")
@@ -202,7 +204,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, stop)
     try:
         with booted(a.dir, gdb_port=a.gdb_port, qmp=a.qmp, snapshot=a.snapshot, smp=a.smp,
-                    timeout=a.timeout, accel=a.accel) as b:
+                    timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib) as b:
             print(f"gdb-port {b.port}", flush=True)
             print(f"qmp {b.qmp}", flush=True)
             b.proc.wait()

@@ -20,7 +20,7 @@ from gdbhandles.automation.qmp import LOW_RAM_LIMIT, Qmp, QmpError
 from gdbhandles.gdb import settings
 from gdbhandles.windows.memory import DumpFile
 
-__all__ = ["gdb_state", "monitor", "paused_dump", "resume"]
+__all__ = ["gdb_state", "monitor", "paused_dump", "paused_vm", "ram_dump", "resume"]
 
 
 def monitor() -> Qmp:
@@ -55,7 +55,7 @@ def resume(q: Qmp) -> None:
 
 
 @contextlib.contextmanager
-def _ram_dump(q: Qmp):
+def ram_dump(q: Qmp):
     """The paused VM's RAM as a DumpFile in a private directory, removed afterwards."""
     size = q.ram_size()
     if size > LOW_RAM_LIMIT:
@@ -76,8 +76,8 @@ def _ram_dump(q: Qmp):
 
 
 @contextlib.contextmanager
-def paused_dump():
-    """The VM's RAM as a DumpFile, the VM paused for the time of the block and resumed after
+def paused_vm():
+    """The VM paused for the time of the block (yields the QMP connection) and resumed after
     (also on error or Ctrl-C) unless it was paused before."""
     q = monitor()
     try:
@@ -85,10 +85,16 @@ def paused_dump():
         if paused_by_us:
             q.stop()
         try:
-            with _ram_dump(q) as dump:
-                yield dump
+            yield q
         finally:
             if paused_by_us:
                 resume(q)
     finally:
         q.close()
+
+
+@contextlib.contextmanager
+def paused_dump():
+    """The VM's RAM as a DumpFile, the VM paused for the time of the block (see paused_vm)."""
+    with paused_vm() as q, ram_dump(q) as dump:
+        yield dump

@@ -1,8 +1,10 @@
 """The engine of the guest gdb is attached to: where its memory comes from, and when it goes stale.
 
-The session owns the memory source. A stopped target is read through QEMU's gdbstub in
-physical mode; a running one, when auto-pause is on, through a RAM dump of the VM paused by
-QMP (paused.py). Guest memory may change whenever the target ran, so the engine is reopened
+The session owns the memory source. When QEMU runs on this host and we may read its memory,
+guest RAM is read straight from the QEMU process (the fast path, fastpath.py), after the
+mapping was checked against the gdbstub; otherwise a stopped target is read through QEMU's
+gdbstub in physical mode. A running target, when auto-pause is on, is paused through QMP
+and read through the fast path, or else through a RAM dump (paused.py). Guest memory may change whenever the target ran, so the engine is reopened
 after every gdb event that says so; discovery facts (kernel base, DTB) are kept as hints,
 which costs a few reads instead of a scan, and discovery starts afresh if they no longer
 validate.
@@ -16,13 +18,14 @@ import gdb
 
 from gdbhandles.engine import Windows
 from gdbhandles.errors import HandleError
-from gdbhandles.gdb import paused, settings
+from gdbhandles.gdb import fastpath, paused, settings
 from gdbhandles.gdb.memory import GdbPhysical, TargetRunning, require_stopped_target, vcpu_registers
 
 __all__ = ["Session"]
 
 STUB_SOURCE = "QEMU physical mode (Qqemu.PhyMemMode)"
 DUMP_SOURCE = "RAM dump of the VM paused through QMP (auto-pause)"
+FAST_SOURCE = "QEMU process memory"
 
 
 class Session:
@@ -35,6 +38,10 @@ class Session:
         self.fresh = False          # True while nothing ran since self.windows was opened
         self.opens = 0              # how often discovery ran from scratch (handle info shows it)
         self.source = None          # how the last engine read memory (handle info shows it)
+        self.fast = {}              # QemuRam of the QEMU process by how it was found ("stub", "qmp")
+        self.fast_ram = None        # the one the last engine used
+        self.fast_reason = ""       # why the fast path is not used
+        self._fast_tried = {}       # the fast-path setting each way was last tried for
         for event in (gdb.events.cont, gdb.events.stop, gdb.events.new_objfile,
                       gdb.events.memory_changed, gdb.events.register_changed):
             event.connect(self._target_changed)
@@ -48,6 +55,9 @@ class Session:
         self.phys = None
         self.windows = None
         self.fresh = False
+        for ram in self.fast.values():
+            ram.close()
+        self.fast, self.fast_ram, self.fast_reason, self._fast_tried = {}, None, "", {}
 
     def _check_profile(self) -> None:
         isf = settings.value("profile") or None
@@ -56,17 +66,61 @@ class Session:
             self._target_gone()
 
     def memory_text(self) -> str:
-        """One line for `handle info`: where the last engine's memory came from."""
-        if self.source == DUMP_SOURCE or self.phys is None:
-            return f"memory access: {self.source or 'none yet'}; discoveries this session: {self.opens}"
-        ram = self.phys.ram
-        ram_text = ", ".join(f"{a:#x}-{b:#x}" for a, b in ram) if ram else "unknown (no monitor)"
-        return f"memory access: {self.source}; guest RAM: {ram_text}; discoveries this session: {self.opens}"
+        """Lines for `handle info`: where the last engine's memory came from, and why not faster."""
+        if self.source == FAST_SOURCE and self.fast_ram is not None:
+            ram = ", ".join(f"{r.start:#x}-{r.end:#x}" for r in self.fast_ram.ranges)
+            where = (f"{FAST_SOURCE} (/proc/{self.fast_ram.pid}/mem, the fast path); guest RAM: {ram}; "
+                     f"mapping checked: {self.fast_ram.verified}")
+        elif self.source == DUMP_SOURCE or self.phys is None:
+            where = self.source or "none yet"
+        else:
+            ram = self.phys.ram
+            where = f"{self.source}; guest RAM: " + (", ".join(f"{a:#x}-{b:#x}" for a, b in ram) if ram
+                                                       else "unknown (no monitor)")
+        text = f"memory access: {where}; discoveries this session: {self.opens}"
+        if self.source != FAST_SOURCE and self.fast_reason:
+            text += f"\nfast path not used: {self.fast_reason}"
+        return text
+
+    def _fast_path(self, origin: str, mapper):
+        """The checked QemuRam found through `origin` ("stub" or "qmp"), mapped with `mapper()`
+        once per value of the setting; None (the reason in fast_reason) if unavailable; a
+        one-line error under `set handle fast-path on`."""
+        mode = settings.value("fast-path")
+        if mode == "off":
+            self.fast_reason = "set handle fast-path off"
+            return None
+        if origin not in self.fast and self._fast_tried.get(origin) != mode:
+            self._fast_tried[origin] = mode
+            try:
+                self.fast[origin] = mapper()
+            except HandleError as exc:
+                self.fast_reason = str(exc)
+        ram = self.fast.get(origin)
+        if ram is None and mode == "on":
+            raise HandleError(f"fast path unavailable (set handle fast-path auto or off): {self.fast_reason}")
+        return ram
+
+    @contextlib.contextmanager
+    def _paused_memory(self, q):
+        """The paused VM's memory: the QEMU process behind the QMP socket, else a RAM dump."""
+        stub = self.fast.get("stub")
+        try:
+            same = stub is not None and stub.pid == fastpath.qmp_pid(q)
+        except HandleError:
+            same = False
+        ram = stub if same else self._fast_path("qmp", lambda: fastpath.from_qmp(q))
+        if ram is not None:
+            self.fast_ram = ram
+            yield ram, FAST_SOURCE
+            return
+        with paused.ram_dump(q) as dump:
+            yield dump, DUMP_SOURCE
 
     @contextlib.contextmanager
     def open(self):
-        """Yield a Windows engine for the guest: the stopped target through the gdbstub, or a
-        running one through auto-pause."""
+        """Yield a Windows engine for the guest: the stopped target through the fast path or the
+        gdbstub, or a running one through auto-pause."""
         self._check_profile()
         try:
             require_stopped_target()
@@ -74,23 +128,33 @@ class Session:
             if not settings.value("auto-pause"):
                 raise HandleError("the target is running: stop it first (Ctrl-C or `interrupt`), or let "
                                   "gdbhandles pause it: set handle qmp SOCKET, set handle auto-pause on") from None
-            with paused.paused_dump() as dump:
-                self.windows = self._discover(dump, [])
-                self.fresh = False           # the dump is gone after this block
-                self.source = DUMP_SOURCE
+            with paused.paused_vm() as q, self._paused_memory(q) as (memory, source):
+                self.windows = self._discover(memory, [])
+                self.fresh = False           # the VM runs again after this block
+                self.source = source
                 yield self.windows
             return
         registers = vcpu_registers()
         if self.phys is None:
             self.phys = GdbPhysical()
-        with self.phys.session():
-            if not self.fresh or self.windows is None or self.source != STUB_SOURCE:
-                self.windows = self._discover(self.phys, registers)
+        fast = self._fast_path("stub", lambda: self._map_through_stub(registers))
+        if fast is not None:
+            self.fast_ram = fast
+        with contextlib.ExitStack() as stack:
+            if fast is None:
+                stack.enter_context(self.phys.session())
+            source = FAST_SOURCE if fast is not None else STUB_SOURCE
+            if not self.fresh or self.windows is None or self.source != source:
+                self.windows = self._discover(fast or self.phys, registers)
                 self.fresh = True
-                self.source = STUB_SOURCE
+                self.source = source
             else:
                 self.windows.registers = registers   # the user may have selected another vCPU
             yield self.windows
+
+    def _map_through_stub(self, registers: list[dict]):
+        with self.phys.session():
+            return fastpath.from_stub(self.phys.read, registers)
 
     def _discover(self, phys, registers: list[dict]) -> Windows:
         """A new engine; the previous one's DTB and kernel base first, as hints."""

@@ -108,8 +108,27 @@ class AutoPauseParameter(BooleanParameter):
         return ""
 
 
+class FastPathParameter(gdb.Parameter):
+    """Read guest RAM straight from a QEMU process on this host (/proc/PID/mem), checked against
+the gdbstub first: auto (when available, else the stub), on (fail if unavailable), off (the stub)."""
+
+    set_doc = "Set whether guest RAM is read from the local QEMU process (auto, on, off)."
+    show_doc = "Show whether guest RAM is read from the local QEMU process."
+    default = "auto"
+
+    def __init__(self):
+        super().__init__("handle fast-path", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "on", "off"])
+        self.value = self.default
+
+    def get_set_string(self):
+        return ""
+
+    def get_show_string(self, svalue):
+        return f"Reading guest RAM from the local QEMU process: {svalue} (handle info says whether it is used)"
+
+
 SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter,
-            "auto-pause": AutoPauseParameter}
+            "auto-pause": AutoPauseParameter, "fast-path": FastPathParameter}
 _parameters: dict[str, gdb.Parameter] = {}
 
 
