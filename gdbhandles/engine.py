@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from gdbhandles.windows import access, kernel as kernel_module
-from gdbhandles.errors import BadHandle, HandleError, ProcessNotFound
+from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProcessNotFound, UnknownType
 from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
 from gdbhandles.windows.memory import PhysicalMemory
 from gdbhandles.windows.objects import Objects
@@ -45,6 +45,9 @@ class Windows:
     def open(cls, phys, registers: list[dict] | None = None, dtb: int | None = None,
              kernel_base: int | None = None, isf: str | None = None,
              progress: Progress | None = None) -> "Windows":
+        for what, address in (("DTB", dtb), ("kernel base", kernel_base)):
+            if address is not None and address & 0xFFF:
+                raise HandleError(f"the given {what} {address:#x} is not page-aligned (it must end in 000)")
         memory = phys if isinstance(phys, PhysicalMemory) else PhysicalMemory(phys)
         if progress:
             progress("looking for the Windows kernel")
@@ -65,7 +68,7 @@ class Windows:
             chosen = [p for p in processes if p.pid == target]
         if not chosen:
             what = f"named {target}" if isinstance(target, str) else f"with pid {target} ({target:#x})"
-            raise ProcessNotFound(f"no process {what}; `handle ps` lists them")
+            raise ProcessNotFound(f"no process {what}")
         return chosen
 
     def _one(self, target: int | str) -> Process:
@@ -102,7 +105,9 @@ class Windows:
         Unreadable pages and bad entries become warnings (`warn` or `self.warnings`)."""
         report = warn or self.warnings.append
         chosen = self._select(target)
-        wanted_type = type.lower() if type else None
+        if target is not None and len(chosen) == 1 and not chosen[0].table:
+            raise NoHandleTable(_no_table(chosen[0]))
+        wanted_type = self._type_name(type).lower() if type else None
         wanted_name = name.lower() if name else None
         wanted_header = None if object is None else object - self.objects.body_offset
         total = 0
@@ -137,6 +142,24 @@ class Windows:
                     total += 1
                     yield record
 
+    def type_names(self) -> list[str]:
+        """The object type names of this kernel, in ObTypeIndexTable order (index 2 on; the table
+        holds at most 256 entries and ends at the first NULL)."""
+        names = []
+        for index in range(2, 256):
+            name = self.objects.type_of_index(index)
+            if name is None:
+                break
+            names.append(name)
+        return names
+
+    def _type_name(self, wanted: str) -> str:
+        names = self.type_names()
+        for name in names:
+            if name.lower() == wanted.lower():
+                return name
+        raise UnknownType(f"unknown object type {wanted!r}; this guest's types: {', '.join(sorted(names))}")
+
     def _record(self, process: Process, entry: Entry, report) -> HandleRecord | None:
         try:
             found = self.objects.decode(entry.header)
@@ -166,7 +189,7 @@ class Windows:
         else:
             value = handle
         if not process.table:
-            raise BadHandle(f"{process.name}({process.pid}) has no handle table (the process is exiting)")
+            raise NoHandleTable(_no_table(process))
         table = HandleTable(self.kernel, process.table, self.format)
         status, entry, path = table.lookup(value)
         record = LookupRecord(process.pid, process.name, value & ~3, status, table=table.address,
@@ -188,21 +211,30 @@ class Windows:
         record.attribute_names = access.attribute_names(attributes)
 
     def _pseudo(self, process: Process, handle: int, vcpu: int) -> LookupRecord:
+        """-1/-2 name the current process/thread of one vCPU, so the pid given must be that of
+        the vCPU's current process (_KPCR.Prcb.CurrentThread -> _KTHREAD.ApcState.Process)."""
+        pseudo = handle - (1 << 64)
         if vcpu >= len(self.registers):
-            raise BadHandle(f"pseudo-handle {handle - (1 << 64)} needs the registers of vCPU {vcpu} "
+            raise BadHandle(f"pseudo-handle {pseudo} needs the registers of vCPU {vcpu} "
                             "(only a live guest has them)")
-        kpcr = kernel_module.vcpu_kpcr(self.registers[vcpu])
+        registers = self.registers[vcpu]
+        cpu = f"the selected vCPU (gdb thread {registers['thread']})" if "thread" in registers and vcpu == 0 \
+            else f"vCPU {vcpu}"
+        kpcr = kernel_module.vcpu_kpcr(registers)
         if kpcr is None:
-            raise BadHandle(f"pseudo-handle: vCPU {vcpu} has no kernel GS base (KPCR)")
+            raise BadHandle(f"pseudo-handle {pseudo}: {cpu} has no kernel GS base (KPCR)")
         layout, space = self.kernel.layout, self.kernel.space
         thread = space.u64(kpcr + layout.offset("_KPCR", "Prcb.CurrentThread"))
-        if handle == CURRENT_THREAD:
-            body, what = thread, "current thread"
-        else:
-            body, what = space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process")), "current process"
+        current = read_process(self.kernel, space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process")))
+        owner = f"{current.name}({current.pid})"
+        what = "current process" if handle == CURRENT_PROCESS else "current thread"
+        if current.pid != process.pid:
+            raise BadHandle(f"pseudo-handle {pseudo} is the {what} of {cpu}, in {owner}, not in "
+                            f"{process.name}({process.pid}): give pid {current.pid}, or select another vCPU")
+        body = thread if handle == CURRENT_THREAD else current.eprocess
         found = self.objects.decode(body - self.objects.body_offset)
-        record = LookupRecord(process.pid, process.name, handle, "valid",
-                              note=f"pseudo-handle {handle - (1 << 64)}: {what} of vCPU {vcpu}")
+        record = LookupRecord(current.pid, current.name, handle, "valid",
+                              note=f"pseudo-handle {pseudo}: the {what} of {cpu} (in {owner})")
         all_access = access.RIGHTS.get(found.type or "", ({}, {}))[1]
         self._fill(record, found, next(iter(all_access), 0), 0)
         return record
@@ -219,3 +251,7 @@ class Windows:
             globals=dict(kernel.globals), sources=dict(kernel.sources),
             stats=ReadStats(**vars(kernel.phys.stats)), header_cookie=kernel.header_cookie,
             warnings=notes + [f"pid {w.pid}: {w.message}" for w in self.warnings])
+
+
+def _no_table(process: Process) -> str:
+    return f"{process.name}({process.pid}) has no handle table (ObjectTable is NULL: the process is exiting)"

@@ -1,16 +1,42 @@
-"""Every failure a user can meet, as one-line messages (the gdb layer makes them GdbErrors)."""
+"""Every failure a user can meet, as one-line messages (the gdb layer makes them GdbErrors).
+
+A message says what went wrong, never which command or flag to try: that depends on where
+the user is (gdb or the shell). An error names the kind of advice that helps (`Advice`),
+and each front end appends its own words for it.
+"""
+
+import enum
+
+
+class Advice(enum.Enum):
+    """What would help, in front-end-neutral terms."""
+    LIST_PROCESSES = "list the processes"
+    LOCATE_KERNEL = "give the kernel's DTB and base yourself"
+    SUPPLY_PROFILE = "supply a volatility3 ISF"
+    STOP_TARGET = "stop the target or let gdbhandles pause it"
 
 
 class HandleError(Exception):
-    """Base of all gdbhandles errors; str() is the one line shown to the user."""
+    """Base of all gdbhandles errors; str() is the one line shown to the user, `advice` what helps."""
+
+    advice: Advice | None = None
+
+    def __init__(self, message: str = "", advice: Advice | None = None):
+        super().__init__(message)
+        if advice is not None:
+            self.advice = advice
 
 
 class NotWindows(HandleError):
     """No Windows x64 kernel could be found in the guest."""
 
+    advice = Advice.LOCATE_KERNEL
+
 
 class UnknownBuild(HandleError):
     """The kernel's build has no shipped layout and no ISF was given."""
+
+    advice = Advice.SUPPLY_PROFILE
 
 
 class ProfileError(HandleError):
@@ -19,6 +45,8 @@ class ProfileError(HandleError):
 
 class MissingGlobal(HandleError):
     """A kernel global (PspCidTable, ...) could not be located by any means."""
+
+    advice = Advice.SUPPLY_PROFILE
 
 
 class UnreadablePage(HandleError):
@@ -33,12 +61,22 @@ class UnreadablePage(HandleError):
 class ProcessNotFound(HandleError):
     """No process with that pid or name (or a name matching several)."""
 
+    advice = Advice.LIST_PROCESSES
+
+
+class UnknownType(HandleError):
+    """An object type name this guest does not have (the message lists the guest's types)."""
+
+
+class NoHandleTable(HandleError):
+    """A process whose ObjectTable is NULL (exiting): it has no handles to walk or look up."""
+
 
 class BadHandle(HandleError):
     """A handle value that does not name a valid entry; `record` is the LookupRecord."""
 
-    def __init__(self, message: str, record=None):
-        super().__init__(message)
+    def __init__(self, message: str, record=None, advice: Advice | None = None):
+        super().__init__(message, advice)
         self.record = record
 
 

@@ -1,35 +1,142 @@
-"""Text tables (WinDbg `!handle` / volatility3 columns) and JSON lists of records."""
+"""Text tables (WinDbg `!handle` / volatility3 columns), text reports and JSON lists of records.
+
+Every string that came from guest memory passes `escape()` before it reaches a terminal:
+names are attacker-controlled, and a control or bidi character in one could retitle the
+window, move the cursor or reorder what the user reads. JSON escapes by itself.
+Tables fit `width` columns when one is given; `paint(role, text)` adds the front end's
+colours after the cells are padded, so colours never change widths.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import time
+from typing import Callable
 
 from gdbhandles.windows import access
-from gdbhandles.records import HandleRecord, InfoRecord, LookupRecord, ProcessRecord
+from gdbhandles.records import HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats, WalkWarning
+
+CUT = "..."                 # marks text cut to fit
+ACCESS_WIDTH = 40           # decoded rights beyond this are cut in tables (lookup and JSON have them all)
+GAP = "  "
+PROGRESS_EVERY = 0.5        # seconds between progress lines
+# C0 and C1 controls, DEL, and the bidi embeddings, overrides and isolates (plus LRM/RLM/ALM and
+# the Unicode line separators): each shown as a visible escape instead.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def _visible(match: re.Match) -> str:
+    char = match.group()
+    return NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
 
 
-ACCESS_WIDTH = 40          # decoded rights beyond this are cut in tables (lookup and JSON have them all)
+def escape(text: str | None, limit: int | None = None) -> str:
+    """`text` safe for a terminal: controls and bidi characters shown as escapes, cut to `limit`
+    characters with a visible marker."""
+    safe = UNSAFE.sub(_visible, text or "")
+    if limit is not None and len(safe) > limit:
+        return safe[:max(limit - len(CUT), 0)] + CUT[:limit]
+    return safe
 
 
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
+def plain(role: str, text: str) -> str:
+    """No colours (a `paint` for pipes, files and `set style enabled off`)."""
+    return text
 
 
-def handles_table(records: list[HandleRecord]) -> str:
-    rows = [[str(r.pid), r.process, f"{r.handle:#x}", f"{r.object:#018x}", r.type or "?",
-             _short(access.describe(r.type, r.granted_access), ACCESS_WIDTH),
-             "|".join(access.attribute_names(r.attributes)) or "-", r.name or ""] for r in records]
-    return _table(["PID", "Process", "Handle", "Object", "Type", "Access", "Attributes", "Name"], rows,
-                  right={0, 2})
+Paint = Callable[[str, str], str]
+
+
+# --- progress and warnings: one format for both front ends ------------------------------------------
+
+class Progress:
+    """Throttled progress lines to `write` (gdb's error stream, or stderr when it is a terminal)."""
+
+    def __init__(self, write: Callable[[str], None] | None, every: float = PROGRESS_EVERY):
+        self.write = write
+        self.every = every
+        self.last = time.monotonic()
+        self.shown = False
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if self.write is not None and now - self.last >= self.every:
+            self.last = now
+            self.shown = True
+            self.write(escape(message, 200) + "\n")
+
+    def done(self) -> None:
+        """Nothing to clear: progress lines are plain lines on the error stream."""
+
+
+def warning_line(warning: WalkWarning) -> str:
+    """`warning: lsass.exe(672) handle 0x1c: <what>`, for every walk warning in both front ends."""
+    handle = f" handle {warning.handle:#x}" if warning.handle is not None else ""
+    return f"warning: {escape(warning.process, 64)}({warning.pid}){handle}: {escape(warning.message)}"
+
+
+def stats_since(now: ReadStats, before: ReadStats) -> ReadStats:
+    return ReadStats(**{key: getattr(now, key) - getattr(before, key) for key in vars(now)})
+
+
+# --- tables --------------------------------------------------------------------------------------
+
+def _fit(widths: list[int], shrink: list[tuple[int, int]], width: int | None) -> list[int]:
+    """Column widths within `width` (gaps included): shrink the columns of `shrink`, in order, to
+    their minimum widths until the row fits."""
+    widths = list(widths)
+    if width is None:
+        return widths
+    for column, minimum in shrink:
+        over = sum(widths) + len(GAP) * (len(widths) - 1) - width
+        if over <= 0:
+            break
+        widths[column] = max(minimum, widths[column] - over)
+    return widths
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset(),
+           width: int | None = None, shrink: tuple[tuple[int, int], ...] = (),
+           roles: dict[int, str] | None = None, paint: Paint = plain) -> str:
+    natural = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    widths = _fit(natural, list(shrink), width)
+    roles = roles or {}
+
+    def line(cells, role=None):
+        parts = []
+        for i, (cell, w) in enumerate(zip(cells, widths)):
+            cell = cell if len(cell) <= w else cell[:max(w - len(CUT), 0)] + CUT[:w]
+            padded = cell.rjust(w) if i in right else cell.ljust(w)
+            parts.append(paint(role or roles.get(i, ""), padded) if (role or roles.get(i)) else padded)
+        text = GAP.join(parts).rstrip()
+        return text
+    rule = GAP.join("-" * w for w in widths)
+    rule = rule[:width] if width else rule
+    body = [line(r) for r in rows]
+    return "\n".join([line(headers, "header"), paint("header", rule)] + body)
+
+
+HANDLE_COLUMNS = ["PID", "Process", "Handle", "Object", "Type", "Access", "Attributes", "Name"]
+# (column, minimum width), in the order columns give way when a row is wider than the terminal
+HANDLE_SHRINK = ((5, 24), (7, 32), (4, 14), (5, 16), (6, 10), (1, 10), (7, 16), (5, 10), (4, 10), (7, 8),
+                 (6, 5), (5, 6), (7, 4))
+
+
+def handles_table(records: list[HandleRecord], width: int | None = None, paint: Paint = plain) -> str:
+    """The walk table; when it must fit `width` and every row is of one process, the PID and
+    Process columns go first (the summary line names the process count)."""
+    rows = [[str(r.pid), escape(r.process), f"{r.handle:#x}", f"{r.object:#018x}", escape(r.type) or "?",
+             escape(access.describe(r.type, r.granted_access), ACCESS_WIDTH),
+             "|".join(access.attribute_names(r.attributes)) or "-", escape(r.name)] for r in records]
+    headers, shrink, right, roles = HANDLE_COLUMNS, HANDLE_SHRINK, {0, 2}, {4: "type"}
+    natural = sum(max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)) + 2 * 7
+    if width and natural > width and len({r.pid for r in records}) == 1:
+        headers, rows = headers[2:], [r[2:] for r in rows]
+        shrink = tuple((c - 2, m) for c, m in shrink if c >= 2)
+        right, roles = {0}, {2: "type"}
+    return _table(headers, rows, right=right, width=width, shrink=shrink, roles=roles, paint=paint)
 
 
 def handles_json(records: list[HandleRecord]) -> str:
@@ -42,29 +149,32 @@ def walk_summary(records: list[HandleRecord], seconds: float, stats) -> str:
             f"({stats.round_trips} memory reads, {stats.bytes} bytes, {stats.cache_hits} cache hits)")
 
 
-def processes_table(records: list[ProcessRecord]) -> str:
-    rows = [[str(r.pid), r.name, f"{r.eprocess:#018x}", f"{r.handle_table:#x}" if r.handle_table else "-",
+def processes_table(records: list[ProcessRecord], width: int | None = None, paint: Paint = plain) -> str:
+    rows = [[str(r.pid), escape(r.name), f"{r.eprocess:#018x}", f"{r.handle_table:#x}" if r.handle_table else "-",
              "-" if r.level is None else str(r.level), str(r.handle_count)] for r in records]
-    return _table(["PID", "Name", "EPROCESS", "HandleTable", "Level", "Handles"], rows, right={0, 4, 5})
+    return _table(["PID", "Name", "EPROCESS", "HandleTable", "Level", "Handles"], rows, right={0, 4, 5},
+                  width=width, shrink=((1, 12),), paint=paint)
 
 
 def processes_json(records: list[ProcessRecord]) -> str:
     return json.dumps([r.to_json() for r in records], indent=1)
 
 
+# --- reports -------------------------------------------------------------------------------------
+
 def lookup_json(records: list[LookupRecord]) -> str:
     return json.dumps([r.to_json() for r in records], indent=1)
 
 
-def lookup_text(record: LookupRecord) -> str:
-    lines = [f"process      {record.process} (pid {record.pid})",
+def lookup_text(record: LookupRecord, paint: Paint = plain) -> str:
+    lines = [f"process      {escape(record.process)} (pid {record.pid})",
              f"handle       {record.handle:#x}"]
     if record.note:
-        lines.append(f"note         {record.note}")
+        lines.append(f"note         {escape(record.note)}")
     if record.object is not None:
         lines += [f"object       {record.object:#018x} (header {record.header:#018x})",
-                  f"type         {record.type or '?'}",
-                  f"name         {record.name if record.name is not None else '(none)'}",
+                  f"type         {paint('type', escape(record.type) or '?')}",
+                  f"name         {escape(record.name) if record.name is not None else '(none)'}",
                   f"access       {record.granted_access:#x} {'|'.join(record.access_names)}".rstrip(),
                   f"attributes   {record.attributes:#x} {', '.join(record.attribute_names) or '(none)'}"]
     if record.table is not None:
@@ -77,23 +187,28 @@ def lookup_text(record: LookupRecord) -> str:
     return "\n".join(lines)
 
 
-def info_text(record: InfoRecord) -> str:
+def info_text(record: InfoRecord, paint: Paint = plain) -> str:
     lines = [f"build        {record.build} (ntkrnlmp.pdb {record.guid} age {record.age})",
              f"kernel base  {record.kernel_base:#018x}, {record.kernel_size:#x} bytes ({record.kernel_base_source})",
              f"kernel DTB   {record.dtb:#x} ({record.dtb_source})",
-             f"layout       {record.profile}",
-             f"cookie       " + ("none (build without ObHeaderCookie)" if record.header_cookie is None
-                                 else f"{record.header_cookie:#04x}"),
-             "globals"]
+             f"layout       {escape(record.profile)}",
+             "cookie       " + ("none (build without ObHeaderCookie)" if record.header_cookie is None
+                                else f"{record.header_cookie:#04x}"),
+             paint("header", "globals")]
     for name, address in record.globals.items():
         where = f"{address:#018x}" if address is not None else "-"
-        lines.append(f"  {name:<22} {where}  {record.sources.get(name, '')}")
+        lines.append(f"  {name:<22} {where}  {escape(record.sources.get(name, ''))}")
     s = record.stats
     lines.append(f"reads        {s.reads} requests, {s.round_trips} memory reads, {s.bytes} bytes, "
                  f"{s.cache_hits} cache hits")
-    lines += [f"warning      {w}" for w in record.warnings]
+    lines += [f"warning      {escape(w)}" for w in record.warnings]
     return "\n".join(lines)
 
 
 def info_json(record: InfoRecord) -> str:
     return json.dumps(record.to_json(), indent=1)
+
+
+def error_line(message: str) -> str:
+    """An error as one safe line."""
+    return escape(message)

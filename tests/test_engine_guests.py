@@ -15,7 +15,7 @@ import pytest
 
 from gdbhandles.windows import layouts
 from gdbhandles.engine import Windows
-from gdbhandles.errors import BadHandle, NotWindows, ProcessNotFound, UnknownBuild
+from gdbhandles.errors import Advice, BadHandle, NotWindows, ProcessNotFound, UnknownBuild
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 PROFILES = [p["version"] for p in layouts.shipped_profiles()]
@@ -138,11 +138,16 @@ def test_pseudo_handles_for_each_vcpu(guests, profile):
         windows = guest.open(registers=order)
         assert windows.info().dtb == truth["kernel_dtb"]
         vcpu = truth["vcpus"][selected]
-        process = windows.lookup(4, -1)
+        process = windows.lookup(vcpu["pid"], -1)
         assert process.object == eprocess[vcpu["pid"]]["eprocess"]
         assert process.name == f"{eprocess[vcpu['pid']]['name']}({vcpu['pid']})"
-        thread = windows.lookup(4, -2)
+        assert process.pid == vcpu["pid"] and "current process of vCPU 0" in process.note
+        thread = windows.lookup(vcpu["pid"], -2)
         assert (thread.object, thread.type, thread.name) == (vcpu["thread"], "Thread", str(vcpu["tid"]))
+        other = next(p for p in truth["processes"] if p["pid"] != vcpu["pid"])
+        for pseudo in (-1, -2):        # a pid that is not the vCPU's current process is refused
+            with pytest.raises(BadHandle, match=f"give pid {vcpu['pid']}"):
+                windows.lookup(other["pid"], pseudo)
 
 
 def test_disassembly_finds_globals_of_an_unknown_guid(guests):
@@ -195,8 +200,9 @@ def cli(*args):
 
 def test_wrong_dtb(guests):
     guest = guests("19041")
-    with pytest.raises(NotWindows, match="--dtb"):
+    with pytest.raises(NotWindows, match="no DTB maps") as exc:
         guest.open(dtb=guest.truth["kernel_dtb"] + 0x10000)
+    assert exc.value.advice is Advice.LOCATE_KERNEL
 
 
 def test_wiped_kernel_is_not_windows(guests, tmp_path):
@@ -212,8 +218,9 @@ def test_unknown_build_needs_a_profile(guests, tmp_path):
     guest = guests("19041", guid="random")
     build = physical(guest, guest.truth["globals"]["NtBuildNumber"])
     copy = patched_copy(guest.dump, tmp_path / "unknown.raw", {build: struct.pack("<I", 0xF0000000 | 12345)})
-    with pytest.raises(UnknownBuild, match="set handle profile"):
+    with pytest.raises(UnknownBuild, match="no shipped layout") as exc:
         Windows.open(DumpFile(copy))
+    assert exc.value.advice is Advice.SUPPLY_PROFILE
     windows = Windows.open(DumpFile(copy), isf=str(guest.dir / "symbols.json"))
     assert windows.info().build == 12345
     check_handles(windows, guest.truth)

@@ -59,7 +59,7 @@ def test_bad_arguments_are_one_line_usage_errors(loaded):
 
 def test_integer_arguments_accept_decimal_hex_and_expressions(loaded):
     def ev(text):
-        return int(loaded.console(f"python print(__import__('gdbhandles.gdb.commands').gdb.commands.integer({text!r}))"))
+        return int(loaded.console(f"python print(__import__('gdbhandles.gdb.commands').gdb.commands.value({text!r}))"))
 
     loaded.console("set $myhandle = 0x1c")
     assert ev("28") == 28 and ev("0x1c") == 28 and ev("$myhandle") == 28 and ev("$myhandle + 4") == 32
@@ -68,7 +68,7 @@ def test_integer_arguments_accept_decimal_hex_and_expressions(loaded):
     assert ev("-2") == 2**64 - 2
 
     def proc(text):
-        return loaded.console(f"python print(repr(__import__('gdbhandles.gdb.commands').gdb.commands.process({text!r})))")
+        return loaded.console(f"python print(repr(__import__('gdbhandles.commandspec').commandspec.process({text!r})))")
 
     assert proc("lsass.exe") == "'lsass.exe'\n" and proc("612") == "612\n" and proc("0x264") == "612\n"
 

@@ -146,17 +146,26 @@ def test_pseudo_handles_on_every_vcpu(live):
 
 
 def check_pseudo_handles(live: Live) -> None:
+    """-1/-2 are the current process/thread of the selected vCPU: the note says which, and a pid
+    that is not that vCPU's current process is refused with the right one named."""
     processes = {p["pid"]: p for p in live.truth["processes"]}
+    names = [p["name"] for p in live.truth["processes"]]
     try:
         for vcpu in live.truth["vcpus"]:
             live.gdb.console(f"thread {vcpu['index'] + 1}")
             owner = processes[vcpu["pid"]]
-            thread = live.json("handle lookup 4 -2 --json")[0]
+            thread = live.json(f"handle lookup {owner['pid']} -2 --json")[0]
             assert (thread["object"], thread["type"], thread["name"]) == \
                 (vcpu["thread"], "Thread", str(vcpu["tid"])), vcpu
-            current = live.json("handle lookup 4 0xffffffffffffffff --json")[0]
+            current = live.json(f"handle lookup {owner['pid']} 0xffffffffffffffff --json")[0]
             assert (current["object"], current["type"], current["name"]) == \
                 (owner["eprocess"], "Process", f"{owner['name']}({owner['pid']})"), vcpu
+            text = live.gdb.console(f"handle lookup {owner['name'] if names.count(owner['name']) == 1 else owner['pid']} -1")
+            assert f"current process of the selected vCPU (gdb thread {vcpu['index'] + 1})" in text, text
+            other = next(p for p in live.truth["processes"] if p["pid"] != owner["pid"])
+            message = live.error(f"handle lookup {other['pid']} -1")
+            assert f"gdb thread {vcpu['index'] + 1}" in message and f"{owner['name']}({owner['pid']})" in message \
+                and f"not in {other['name']}({other['pid']})" in message, message
     finally:
         live.gdb.console("thread 1")
 

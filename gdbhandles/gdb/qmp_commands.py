@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from gdbhandles.gdb.commands import emit, subcommand
+from gdbhandles.gdb.commands import body, emit
 from gdbhandles.gdb.paused import gdb_state, monitor, resume
 
 
-@subcommand("pause", "Pause the VM through QMP (gdb then reports a SIGINT stop).", "handle pause")
+@body("pause")
 def pause(args) -> None:
     with monitor() as q:
         if q.status() == "running":
@@ -17,7 +17,7 @@ def pause(args) -> None:
             emit(f"VM already {q.status()}")
 
 
-@subcommand("resume", "Resume the VM: through gdb when it is attached, else through QMP.", "handle resume")
+@body("resume")
 def resume_command(args) -> None:
     with monitor() as q:
         status = q.status()
@@ -28,7 +28,7 @@ def resume_command(args) -> None:
         resume(q)          # after the message: gdb's `continue &` ends the command's output
 
 
-@subcommand("vmstatus", "Show QEMU's run state (QMP query-status) and gdb's view of it.", "handle vmstatus")
+@body("vmstatus")
 def vmstatus(args) -> None:
     with monitor() as q:
         emit(f"QEMU: {q.status()}; gdb: {gdb_state()}")

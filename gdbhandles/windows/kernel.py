@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 
 from gdbhandles.windows import disasm, layouts, pe
-from gdbhandles.errors import HandleError, MissingGlobal, NotWindows, UnknownBuild
+from gdbhandles.errors import HandleError, MissingGlobal, NotWindows, ProfileError, UnknownBuild
 from gdbhandles.windows.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory
 
 KERNEL_PDBS = {"ntkrnlmp.pdb", "ntoskrnl.pdb", "ntkrnlpa.pdb", "ntkrpamp.pdb"}
@@ -177,7 +177,7 @@ def _hints(space: AddressSpace, registers: list[dict], stub) -> list[tuple[int, 
 def _find_base(space: AddressSpace, registers, stub, kernel_base) -> tuple[int, pe.PeImage, str] | None:
     if kernel_base is not None:
         image = _kernel_at(space, kernel_base)
-        return (kernel_base, image, "given (--kernel-base)") if image else None
+        return (kernel_base, image, "given by the user") if image else None
     for hint, source in _hints(space, registers, stub):
         found = _scan_down(space, hint)
         if found:
@@ -192,7 +192,7 @@ def _find_base(space: AddressSpace, registers, stub, kernel_base) -> tuple[int, 
 
 def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None):
     if dtb is not None:
-        yield dtb & PFN_MASK, "given (--dtb)", None
+        yield dtb & PFN_MASK, "given by the user", None
         return
     seen = set()
     for index, regs in enumerate(registers):
@@ -223,7 +223,7 @@ def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_
     what = "the given kernel base" if kernel_base is not None else "an ntoskrnl image"
     shown = ", ".join(tried[:4]) + (f" and {len(tried) - 4} more" if len(tried) > 4 else "")
     detail = f"; tried DTBs {shown}" if tried else ": no CR3, start block or PML4 found"
-    raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail} (override with --dtb/--kernel-base)")
+    raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail}")
 
 
 def _build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
@@ -238,13 +238,17 @@ def _build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
 
 def choose_layout(image: pe.PeImage, build: int, isf: str | None) -> tuple[layouts.Layout, layouts.Layout | None]:
     """(layout for structures, layout whose symbols belong to this exact kernel or None)."""
+    data = layouts.read_isf(isf) if isf else None     # a file that is no ISF fails here, always
+    made_for = layouts.isf_pdb(data) if data is not None else None
+    if made_for is not None and image.guid is not None and made_for != (image.guid, image.age):
+        raise ProfileError(f"{isf} is the ISF of ntkrnlmp.pdb {made_for[0]}/{made_for[1]}, not of this "
+                           f"kernel ({image.guid}/{image.age})")
     exact = layouts.for_guid(image.guid, image.age) if image.guid else None
     if exact is not None:
         return exact, exact
     isf_layout = None
-    if isf:
-        data = layouts.read_isf(isf)
-        matches = image.guid is not None and layouts.isf_pdb(data) == (image.guid, image.age)
+    if data is not None:
+        matches = image.guid is not None and made_for == (image.guid, image.age)
         isf_layout = layouts.IsfLayout(data, isf, build, with_symbols=matches)
         if matches:
             return isf_layout, isf_layout
@@ -254,7 +258,7 @@ def choose_layout(image: pe.PeImage, build: int, isf: str | None) -> tuple[layou
     if isf_layout is not None:
         return isf_layout, None
     raise UnknownBuild(f"unknown Windows build {build} (ntkrnlmp.pdb {image.guid}/{image.age}): no shipped "
-                       "layout; supply a volatility3 ISF with `set handle profile FILE` (CLI: --profile FILE)")
+                       "layout")
 
 
 def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int | None = None,
@@ -330,8 +334,7 @@ def _resolve_globals(kernel: Kernel, symbols: layouts.Layout | None) -> None:
         kernel.kernel_table = _pointer(kernel, "ObpKernelHandleTable")
     for name in ("PspCidTable", "ObTypeIndexTable"):
         if found.get(name) is None:
-            raise MissingGlobal(f"cannot locate {name} for build {kernel.build}: supply a volatility3 ISF "
-                                "with `set handle profile FILE` (CLI: --profile FILE)")
+            raise MissingGlobal(f"cannot locate {name} for build {kernel.build}")
     cookie = found.get("ObHeaderCookie")
     kernel.header_cookie = kernel.space.u8(cookie) if cookie is not None else None
     kernel.info_mask_to_offset = _info_mask_table(kernel)
@@ -345,8 +348,7 @@ def name_known(symbols: layouts.Layout, name: str) -> bool:
 def _by_disassembly(kernel: Kernel, name: str, function: str, finder) -> None:
     target = finder(_export(kernel, function))
     if target is None:
-        raise MissingGlobal(f"cannot locate {name}: no reference in {function}'s code; supply a volatility3 "
-                            "ISF with `set handle profile FILE` (CLI: --profile FILE)")
+        raise MissingGlobal(f"cannot locate {name}: no reference in {function}'s code")
     kernel.globals[name] = target
     kernel.sources[name] = f"disassembly of {function}"
 
