@@ -40,9 +40,14 @@ class HandleRecord:
     name: str | None
     granted_access: int
     attributes: int              # 1 ProtectFromClose, 2 Inherit, 4 Audit
+    problems: list[str] = field(default_factory=list)   # damage met decoding it: the fields it spoiled
 
     def to_json(self) -> dict:
-        return {key: getattr(self, key) for key in HANDLE_KEYS}
+        """The truth.json shape; "problems" only when damage spoiled part of the record."""
+        out = {key: getattr(self, key) for key in HANDLE_KEYS}
+        if self.problems:
+            out["problems"] = list(self.problems)
+        return out
 
 
 @dataclass
@@ -65,10 +70,11 @@ class LookupRecord:
     path: list[TableStep] = field(default_factory=list)
     entry: int | None = None     # _HANDLE_TABLE_ENTRY address
     note: str | None = None      # "pseudo-handle: current thread of vCPU 0", "kernel handle"
+    problems: list[str] = field(default_factory=list)   # as HandleRecord.problems
 
     def handle_record(self) -> HandleRecord:
         return HandleRecord(self.pid, self.process, self.handle, self.object, self.type, self.name,
-                            self.granted_access, self.attributes)
+                            self.granted_access, self.attributes, list(self.problems))
 
     def to_json(self) -> dict:
         return self.handle_record().to_json()

@@ -27,9 +27,9 @@ class BootedGuest:
 
 @pytest.fixture(scope="session")
 def built_guest():
-    """built_guest(profile=19041, scenario="default", seed=0, guid=None) -> guest directory."""
-    def get(profile="19041", scenario="default", seed=0, guid=None) -> Path:
-        return cached_guest(str(profile), scenario, seed, guid)
+    """built_guest(profile=19041, scenario="default", seed=0, guid=None, corrupt=()) -> guest directory."""
+    def get(profile="19041", scenario="default", seed=0, guid=None, corrupt=()) -> Path:
+        return cached_guest(str(profile), scenario, seed, guid, tuple(corrupt))
     return get
 
 

@@ -93,3 +93,29 @@ def test_every_profile_builds(tmp_path, version):
     g = build(version, "default")
     write(tmp_path, g)
     check_guest(tmp_path / "memory.raw", g["truth"])
+
+
+def test_each_damage_kind_changes_one_page_and_says_so():
+    """--corrupt spoils one page of the guest it starts from (amplify adds two table pages and
+    the PTEs that map them);
+    truth.json lists the damage and drops or marks exactly the records it touches."""
+    from winguest.corrupt import KINDS
+    clean = {s: build("19041", s) for s in ("default", "level2")}
+    for kind in KINDS:
+        scenario = "level2" if kind.startswith("mid-") else "default"
+        base, damaged = clean[scenario], build("19041", scenario, corrupt=(kind,))
+        a, b = base["memory.bin"], damaged["memory.bin"]
+        assert len(b) - len(a) == (2 * 4096 if kind == "amplify" else 0), kind
+        changed_pages = sum(a[i:i + 4096] != b[i:i + 4096] for i in range(0, len(a), 4096))
+        assert changed_pages == (2 if kind == "amplify" else 1), kind
+        [damage] = damaged["truth"]["damage"]
+        assert damage["kind"] == kind and damage["words"] and damage["lines"] >= 1
+        before = {(h["pid"], h["handle"]): h for h in base["truth"]["handles"]}
+        after = {(h["pid"], h["handle"]): h for h in damaged["truth"]["handles"]}
+        assert set(before) - set(after) == {(damage["pid"], v) for v in damage["lost"]}
+        changed = {k for k in after if after[k] != before[k]}
+        assert changed <= {tuple(m) for m in damage["marked"]}
+        assert bool(damage["lost"]) or bool(damage["marked"]) or kind in NOTHING_LOST, kind
+
+
+NOTHING_LOST = {"bound-past-table", "amplify", "process-loop", "process-dangling"}

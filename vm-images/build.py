@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from winguest.corrupt import KINDS  # noqa: E402
 from winguest.guest import SCENARIO_NAMES, build, write  # noqa: E402
 
 
@@ -16,14 +17,16 @@ def main() -> int:
     ap.add_argument("--scenario", default="default", choices=SCENARIO_NAMES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guid", choices=["random"], help="a GUID no known kernel has")
+    ap.add_argument("--corrupt", action="append", default=[], choices=sorted(KINDS), metavar="KIND",
+                    help="damage the guest (repeatable): " + ", ".join(sorted(KINDS)))
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args()
     t0 = time.monotonic()
-    g = build(a.profile, a.scenario, a.seed, a.guid)
+    g = build(a.profile, a.scenario, a.seed, a.guid, a.corrupt)
     write(a.out, g)
     t = g["truth"]
     print(f"{a.out}: {t['profile']['version']} {a.scenario} seed {a.seed}: {len(t['processes'])} processes, "
-          f"{len(t['handles'])} handles, {len(g['memory.bin']) >> 20} MiB blob, {time.monotonic() - t0:.1f} s")
+          f"{len(t['handles'])} handles{' intact' if a.corrupt else ''}, {len(g['memory.bin']) >> 20} MiB blob, {time.monotonic() - t0:.1f} s")
     return 0
 
 

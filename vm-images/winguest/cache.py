@@ -25,10 +25,12 @@ def sources_digest() -> str:
     return h.hexdigest()[:20]
 
 
-def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: str | None = None) -> Path:
+def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: str | None = None,
+          corrupt: tuple = ()) -> Path:
     """The directory of a built guest; builds it (once, under a lock) if missing."""
     digest = sources_digest()
-    name = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}|{digest}".encode()).hexdigest()[:20]
+    damage = "+".join(corrupt)
+    name = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}|{damage}|{digest}".encode()).hexdigest()[:20]
     out = CACHE / name
     if (out / "done").exists():
         return out
@@ -39,7 +41,7 @@ def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: st
             prune(digest)
             tmp = CACHE / f"{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write(tmp, build(str(profile), scenario, seed, guid))
+            write(tmp, build(str(profile), scenario, seed, guid, corrupt))
             (tmp / "done").write_text(digest)
             tmp.rename(out)
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import cpu as cpumod
 from .churn import lay_out as churn_lay_out
+from .corrupt import Corruptor, edit_truth
 from .leak import lay_out as leak_lay_out, moving as leak_moving
 from .handles import HandleTable
 from .kernel_image import build_kernel_image
@@ -67,15 +68,16 @@ class World:
         return p.table.add(obj, access, attributes, index)
 
 
-def build(spec: str, scenario: str, seed: int = 0, guid: str | None = None) -> dict:
-    """Assemble a guest in memory; returns the files' contents by name."""
-    return GuestBuilder(spec, scenario, seed, guid).run()
+def build(spec: str, scenario: str, seed: int = 0, guid: str | None = None, corrupt: tuple = ()) -> dict:
+    """Assemble a guest in memory (damaged by each kind in `corrupt`); returns the files' contents."""
+    return GuestBuilder(spec, scenario, seed, guid, tuple(corrupt)).run()
 
 
 class GuestBuilder:
     """The stages of one build, in the order their data depend on each other."""
 
-    def __init__(self, spec: str, scenario: str, seed: int, guid: str | None):
+    def __init__(self, spec: str, scenario: str, seed: int, guid: str | None, corrupt: tuple = ()):
+        self.corrupt = corrupt
         self.file_key, self.profile = find_profile(spec)
         self.L = Layout(self.profile)
         self.scenario, self.seed = scenario, seed
@@ -110,6 +112,8 @@ class GuestBuilder:
         self.globals()
         self.address_spaces()
         self.paged_out()
+        corruptor = Corruptor(self, self.seed)
+        self.damages = [corruptor.apply(kind) for kind in self.corrupt]
         return self.outputs()
 
     def memory(self) -> None:
@@ -270,6 +274,8 @@ class GuestBuilder:
         truth = make_truth(self.file_key, self.profile, self.scenario, self.seed, self.guid_mode, self.guid,
                            self.age, image, self.dtb, self.procs, self.world, self.om, vcpus, self.system,
                            self.cid, self.L, {"transition_pages": self.kmem.transition, **self.extra_truth})
+        if self.damages:
+            edit_truth(truth, self.damages)
         ranges = [[image.base, image.base + len(image.data)]]
         guest_json = {"format": 1, "ram_mib": self.ram >> 20, "smp": self.ncpu, "blob_base": BLOB_BASE,
                       "files": {"kernel": "loader.bin", "blob": "memory.bin", "disk": "disk.qcow2"},
