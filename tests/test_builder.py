@@ -53,6 +53,16 @@ def test_scenarios_match_truth(built_guest, scenario):
             raw.close()
 
 
+@pytest.mark.slow
+def test_huge_scenario_has_the_scale_it_promises(built_guest):
+    d = built_guest("19041", "huge")
+    truth = json.loads((d / "truth.json").read_text())
+    assert json.loads((d / "guest.json").read_text())["ram_mib"] == 2048
+    assert len(truth["processes"]) >= 400 and len(truth["handles"]) >= 250000
+    assert sum(p["level"] == 2 for p in truth["processes"]) >= 3
+    check_guest(d / "memory.raw", truth)
+
+
 def apply(records: list[dict], operations: list[dict]) -> dict:
     """The handles after `operations` (truth["leak"]), by (pid, handle)."""
     state = {(r["pid"], r["handle"]): r for r in records}

@@ -88,7 +88,7 @@ class GuestBuilder:
         else:
             self.guid, self.age, self.guid_mode = real_guid, self.profile["pdb"]["age"], "real"
         self.ncpu = 2 if scenario == "kpti" else 1
-        self.ram = (512 if scenario in ("big", "level2") else 256) << 20
+        self.ram = {"big": 512, "level2": 512, "huge": 2048}.get(scenario, 256) << 20
         self.kvashadow = self.L.has_kpti
         self.regions = choose_regions(self.L.build, self.rng)
         self.image_names = IMAGE_NAMES

@@ -216,21 +216,44 @@ def big(pop: Population) -> list:
     return procs
 
 
-def level2(pop: Population) -> list:
-    """default, plus one process whose table spans more than 131072 slots (a level-2 table)."""
-    procs = default(pop)
-    rng = pop.rng
-    p = pop.processes([("dbserver.exe", 6120, procs[4].pid)])[0]
-    pop.mix(p, 200)
+def spread_table(pop: Population, p, count: int) -> None:
+    """`count` handles spread over more than 131072 slots of p's table: a level-2 table."""
+    rng, cat = pop.rng, pop.w.cat
     top = 131072 + 256 * rng.randrange(4, 24)
-    cat = pop.w.cat
-    for index in sorted(rng.sample(range(257, top), 3000)):
+    for index in sorted(rng.sample(range(257, top), count)):
         if index % 256 == 0 or index in p.table.slots:
             continue
         obj = cat.generic("Event") if rng.random() < 0.7 else cat.file(rng.choice(FILES))
         pop.w.handle(p, obj, pop.access(obj.type), attributes(rng), index=index)
     p.table.next_index = top    # later opens go after the spread
+
+
+def level2(pop: Population) -> list:
+    """default, plus one process whose table spans more than 131072 slots (a level-2 table)."""
+    procs = default(pop)
+    p = pop.processes([("dbserver.exe", 6120, procs[4].pid)])[0]
+    pop.mix(p, 200)
+    spread_table(pop, p, 3000)
     procs.append(p)
+    return procs
+
+
+def huge(pop: Population) -> list:
+    """The scale test: >= 400 processes, >= 250,000 handles, five level-2 tables, 2 GiB of RAM."""
+    procs = default(pop)
+    rng = pop.rng
+    pid = 5000
+    for i in range(410):
+        pid = pop.w.pb.new_id(pid + 4 * rng.randrange(2, 40))
+        pop.w.pb.ids.discard(pid)
+        p = pop.processes([(rng.choice(BIG_NAMES), pid, rng.choice(procs).pid)])[0]
+        pop.mix(p, rng.randrange(520, 820))
+        if i % 7 == 0:
+            pop.cross_handles(p, rng.sample(procs, 5))
+        pop.free_some(p, 0.05)
+        if i % 100 == 0:
+            spread_table(pop, p, 4000)
+        procs.append(p)
     return procs
 
 
@@ -252,4 +275,5 @@ def leak(pop: Population) -> list:
     return procs
 
 
-SCENARIOS = {"default": default, "kpti": default, "churn": churn, "big": big, "level2": level2, "leak": leak}
+SCENARIOS = {"default": default, "kpti": default, "churn": churn, "big": big, "level2": level2, "leak": leak,
+             "huge": huge}
