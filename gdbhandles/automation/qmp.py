@@ -1,28 +1,37 @@
-"""QEMU's monitor (QMP) through qemu.qmp: run state, pause/resume, RAM dumps, snapshots.
+"""QEMU's monitor (QMP): run state, pause/resume, RAM dumps, snapshots.
 
-Synchronous wrappers, each failure one `QmpError` line that says what to fix. Addresses are a
-unix socket path or `tcp:127.0.0.1:PORT`.
+A small synchronous client on a plain socket, so that every step has a time limit and a
+Ctrl-C leaves nothing behind (qemu.qmp's asyncio loop had neither: a silent peer blocked for
+ever and an interrupt printed "Task exception was never retrieved"). Each failure is one
+`QmpError` line that says what to fix. Addresses are a unix socket path or
+`tcp:127.0.0.1:PORT`.
+
+Measured on QEMU 7.2: a monitor serves one client at a time. A second client's connect()
+succeeds (the kernel queues it) but QEMU sends it no greeting until the first one leaves; when
+that queue is full, connect() fails with EAGAIN. Both read as "busy with another client".
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import socket
 import stat
 import time
 
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from gdbhandles.errors import HandleError
 
-TIMEOUT = 10.0                 # seconds for one command (a 4 GiB pmemsave takes about 8)
+CONNECT_TIMEOUT = 5.0          # seconds for connect + greeting + capabilities
+TIMEOUT = 10.0                 # seconds for one command
+PMEMSAVE_RATE = 64 << 20       # bytes per second we grant pmemsave on top of TIMEOUT (measured ~550)
+JOB_TIMEOUT = 60.0             # seconds for a snapshot job
+MAX_MESSAGE = 16 << 20         # no QMP answer we ask for is this long
 LOW_RAM_LIMIT = 0xB0000000     # the pc machine puts RAM above this beyond 4 GiB
 
 
 class QmpError(HandleError):
-    """QMP failed: socket missing, permission denied, not a QMP server, QEMU gone, refused."""
+    """QMP failed: socket missing, permission denied, not a QMP server, busy, QEMU gone, refused,
+    no answer in time."""
 
 
 def _address(address: str):
@@ -43,25 +52,64 @@ def _address(address: str):
     return address
 
 
+def _connected(address: str, where, timeout: float) -> socket.socket:
+    """A connected socket; a full accept queue (EAGAIN) is retried until `timeout`."""
+    family = socket.AF_UNIX if isinstance(where, str) else socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(where)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise QmpError(f"QMP socket {address}: busy with another client (QEMU serves one at a time; "
+                               "close the other one)") from None
+            time.sleep(0.02)
+        except BaseException as exc:
+            sock.close()
+            raise _connect_error(address, exc) from None
+
+
+def _connect_error(address: str, exc: BaseException) -> BaseException:
+    if isinstance(exc, PermissionError):
+        return QmpError(f"QMP socket {address}: permission denied")
+    if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+        return QmpError(f"QMP socket {address}: nobody listens (QEMU gone?)")
+    if isinstance(exc, socket.timeout):
+        return QmpError(f"QMP socket {address}: no connection within the time limit (busy with another client?)")
+    if isinstance(exc, OSError):
+        return QmpError(f"QMP socket {address}: cannot connect ({exc.strerror or exc})")
+    return exc
+
+
 class Qmp:
     """One QMP connection (QEMU serves one client per monitor: close it when done)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, timeout: float = TIMEOUT, connect_timeout: float = CONNECT_TIMEOUT):
         self.address = address
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)   # its tracebacks on EOF are noise
-        self.monitor = QEMUMonitorProtocol(_address(address))
+        self.timeout = timeout
+        self._buffer = bytearray()
+        self._id = 0
+        self.sock = _connected(address, _address(address), connect_timeout)
         try:
-            self.monitor.connect(negotiate=True)
-        except (QMPError, OSError, EOFError) as exc:
-            self._drop()
-            cause = getattr(exc, "exc", exc)          # qemu.qmp wraps the socket error
-            if isinstance(cause, PermissionError):
-                raise QmpError(f"QMP socket {address}: permission denied") from None
-            if isinstance(cause, (ConnectionRefusedError, FileNotFoundError)):
-                raise QmpError(f"QMP socket {address}: nobody listens (QEMU gone?)") from None
-            raise QmpError(f"{address} is not a QMP server or is busy with another client "
-                           f"({type(cause).__name__})") from None
-        self.monitor.settimeout(TIMEOUT)
+            self._handshake(connect_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            greeting = self._message(deadline, "greeting")
+        except _Silent:
+            raise QmpError(f"{self.address}: no QMP greeting within {timeout:g} s: QEMU's monitor is busy with "
+                           "another client (it serves one at a time), or this is not a QMP server") from None
+        if not isinstance(greeting, dict) or "QMP" not in greeting:
+            raise QmpError(f"{self.address} is not a QMP server (its first message: {_short(greeting)})")
+        self._command("qmp_capabilities", {}, timeout)
 
     def __enter__(self) -> "Qmp":
         return self
@@ -69,22 +117,72 @@ class Qmp:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _drop(self) -> None:
-        try:
-            self.monitor.close()
-        except Exception:       # noqa: BLE001 - closing a dead connection
-            pass
-
     def close(self) -> None:
-        self._drop()
+        sock, self.sock = getattr(self, "sock", None), None
+        if sock is not None:
+            sock.close()
 
-    def execute(self, command: str, **arguments):
+    # --- the wire: one JSON object per line ----------------------------------------------------
+
+    def _message(self, deadline: float, what: str):
+        """The next JSON message; _Silent if none arrives before `deadline`."""
+        end = self._buffer.find(b"\n")
+        while end < 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Silent()
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise _Silent() from None
+            except OSError as exc:
+                raise QmpError(f"QMP {what}: connection lost ({exc.strerror or exc}; QEMU gone?)") from None
+            if not chunk:
+                raise QmpError(f"QMP {what}: {self.address} closed the connection (QEMU gone, or not QMP)")
+            end = chunk.find(b"\n")
+            end = end + len(self._buffer) if end >= 0 else -1
+            self._buffer += chunk
+            if end < 0 and len(self._buffer) > MAX_MESSAGE:
+                raise QmpError(f"QMP {what}: answer longer than {MAX_MESSAGE >> 20} MiB (not a QMP server?)")
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
         try:
-            return self.monitor.cmd(command, **arguments)
-        except ExecuteError as exc:
-            raise QmpError(f"QMP {command} refused: {exc}") from None
-        except (QMPError, OSError, EOFError, socket.timeout) as exc:
-            raise QmpError(f"QMP {command} failed: QEMU gone or not answering ({type(exc).__name__})") from None
+            return json.loads(line)
+        except ValueError:
+            raise QmpError(f"{self.address} is not a QMP server (it sent {_short(line)})") from None
+
+    def _command(self, command: str, arguments: dict, timeout: float):
+        deadline = time.monotonic() + timeout
+        self._id += 1
+        request = {"execute": command, "id": self._id, **({"arguments": arguments} if arguments else {})}
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            raise QmpError(f"QMP {command} failed: cannot send ({exc.strerror or exc}; QEMU gone?)") from None
+        while True:
+            try:
+                reply = self._message(deadline, command)
+            except _Silent:
+                raise QmpError(f"QMP {command}: no answer within {timeout:g} s "
+                               "(QEMU hangs, or this is not a QMP server)") from None
+            if not isinstance(reply, dict) or not ({"return", "error", "event"} & reply.keys()):
+                raise QmpError(f"QMP {command}: {self.address} is not a QMP server (it answered {_short(reply)})")
+            if "event" in reply or reply.get("id") != self._id:
+                continue                 # an event, or the late answer to an earlier command
+            if "error" in reply:
+                error = reply["error"]
+                desc = error.get("desc", error) if isinstance(error, dict) else error
+                raise QmpError(f"QMP {command} refused: {desc}")
+            return reply["return"]
+
+    def execute(self, command: str, timeout: float | None = None, **arguments):
+        if self.sock is None:
+            raise QmpError(f"QMP {command}: the connection is closed")
+        return self._command(command, arguments, self.timeout if timeout is None else timeout)
+
+    # --- what gdbhandles asks ------------------------------------------------------------------
 
     def status(self) -> str:
         """running, paused, debug, prelaunch, …"""
@@ -101,7 +199,7 @@ class Qmp:
 
     def pmemsave(self, path: str, size: int) -> None:
         """Guest RAM from physical 0 into `path` (QEMU writes it; the VM should be paused)."""
-        self.execute("pmemsave", val=0, size=size, filename=path)
+        self.execute("pmemsave", timeout=self.timeout + size / PMEMSAVE_RATE, val=0, size=size, filename=path)
 
     def hmp(self, line: str) -> str:
         return self.execute("human-monitor-command", **{"command-line": line})
@@ -113,7 +211,7 @@ class Qmp:
         self._wait_job(job)
 
     def _wait_job(self, job: str) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + JOB_TIMEOUT
         while time.monotonic() < deadline:
             for info in self.execute("query-jobs"):
                 if info["id"] == job and info["status"] == "concluded":
@@ -122,9 +220,18 @@ class Qmp:
                         raise QmpError(f"QMP snapshot job {job} failed: {info['error']}")
                     return
             time.sleep(0.02)
-        raise QmpError(f"QMP job {job} did not finish within 60 s")
+        raise QmpError(f"QMP job {job} did not finish within {JOB_TIMEOUT:g} s")
 
     def block_nodes(self) -> list[str]:
         """qcow2 node names (where snapshots go)."""
         return [n["node-name"] for n in self.execute("query-named-block-nodes")
                 if n.get("drv") == "qcow2" and n.get("node-name")]
+
+
+class _Silent(Exception):
+    """No complete message before the deadline."""
+
+
+def _short(value) -> str:
+    text = value.decode(errors="replace") if isinstance(value, bytes) else json.dumps(value)
+    return ascii(text[:60] + ("…" if len(text) > 60 else ""))
