@@ -8,10 +8,13 @@ shell, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -159,18 +162,59 @@ def error_text(exc: HandleError) -> str:
     return render.error_line(f"{exc}; {advice}" if advice else str(exc))
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what `timeout`, CI job limits and a closed terminal send): unwinds like
+    Ctrl-C, so every QEMU and gdb started here is stopped and its files removed."""
+
+
+def _stop(signum, frame):
+    for name in _SIGNALS:                  # the clean-up runs once and is not cut short
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Stopped(signal.Signals(signum).name)
+
+
+_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {name: signal.signal(getattr(signal, name), _stop) for name in _SIGNALS}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):          # stderr may be gone with the terminal (SIGHUP)
+        print(f"gdbhandles: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = commandspec.COMMANDS[args.command]
-    try:
-        if command.query is not None:
-            return run_query(command, args) or 0
-        return BODIES[command.name](args) or 0
-    except HandleError as exc:
-        print(f"gdbhandles: {error_text(exc)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("gdbhandles: interrupted", file=sys.stderr)
+    with _signals_unwind():
+        try:
+            if command.query is not None:
+                status = run_query(command, args) or 0
+            else:
+                status = BODIES[command.name](args) or 0
+            sys.stdout.flush()               # a full disk or closed pipe is an error, not a traceback at exit
+            return status
+        except HandleError as exc:
+            _say(error_text(exc))
+        except Stopped as exc:
+            _say("interrupted" if str(exc) == "SIGINT" else f"stopped by {exc}; what it started is stopped")
+        except KeyboardInterrupt:
+            _say("interrupted")
+        except OSError as exc:
+            _say(f"{exc.filename}: {exc.strerror or exc}" if exc.filename
+                 else f"cannot write the output: {exc.strerror or exc}")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # nothing left to flush at exit
         return EXIT_ERROR
 
 

@@ -8,23 +8,27 @@ Everything started here is stopped here, also on failure, timeout or Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gdbhandles.errors import HandleError
+from gdbhandles.automation import private
 from gdbhandles.automation.mi import Gdb, MiError
 from gdbhandles.automation.qmp import Qmp, QmpError
 
 GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 20.0
+RUN_PREFIX = "gdbhandles-run-"
+PR_SET_PDEATHSIG = 1
 RESERVED = ("-gdb", "-s", "-qmp", "-S", "-loadvm", "-daemonize")
 
 
@@ -40,7 +44,10 @@ class Vm:
 
 
 def qemu_arguments(text: str) -> list[str]:
-    args = shlex.split(text)
+    try:
+        args = shlex.split(text)
+    except ValueError as exc:               # "No closing quotation"
+        raise RunError(f"--qemu: {str(exc).lower()} in the QEMU arguments") from None
     taken = [a for a in args if a in RESERVED]
     if taken:
         raise RunError(f"--qemu must not contain {', '.join(taken)}: gdbhandles adds the gdbstub, QMP and "
@@ -58,8 +65,7 @@ def free_port() -> int:
 def qemu(args: list[str], snapshot: str | None = None, paused: bool = False):
     """QEMU running the user's machine; yields Vm. `paused`: stopped before the first instruction
     (with `snapshot`: at the snapshot's state)."""
-    directory = tempfile.mkdtemp(prefix="gdbhandles-run-")
-    os.chmod(directory, 0o700)
+    directory = private.make(RUN_PREFIX)
     qmp_path = os.path.join(directory, "qmp.sock")
     port = free_port()
     command = [QEMU, *args, "-gdb", f"tcp:127.0.0.1:{port}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
@@ -68,7 +74,7 @@ def qemu(args: list[str], snapshot: str | None = None, paused: bool = False):
     try:
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o077))
+                                    stderr=subprocess.PIPE, preexec_fn=_child_of_ours)
         except OSError as exc:
             raise RunError(f"cannot start {QEMU}: {exc.strerror}") from None
         _wait_ready(proc, qmp_path)
@@ -77,6 +83,14 @@ def qemu(args: list[str], snapshot: str | None = None, paused: bool = False):
         if proc is not None:
             _stop(proc, qmp_path)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _child_of_ours() -> None:
+    """In QEMU before exec: private files, and killed with us even if we are SIGKILLed (a QEMU
+    left running holds its qcow2 lock and stops the next run)."""
+    os.umask(0o077)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _wait_ready(proc: subprocess.Popen, qmp_path: str) -> None:
@@ -113,7 +127,10 @@ def _stop(proc: subprocess.Popen, qmp_path: str) -> None:
 
 def attached(host: str, port: int, qmp: str | None):
     """A gdb with the extension, attached to the gdbstub (and told the QMP socket)."""
-    gdb = Gdb(timeout=600)
+    try:
+        gdb = Gdb(timeout=600)
+    except MiError as exc:
+        raise RunError(exc.message) from None
     try:
         gdb.source(str(GDBINIT))
         gdb.connect(host, port, timeout=START_TIMEOUT)
@@ -122,6 +139,9 @@ def attached(host: str, port: int, qmp: str | None):
     except MiError as exc:
         gdb.close()
         raise RunError(f"gdb could not attach to {host}:{port}: {exc.message}") from None
+    except BaseException:                   # Ctrl-C, SIGTERM: gdb goes too
+        gdb.close()
+        raise
     return _detached_at_end(gdb)
 
 
