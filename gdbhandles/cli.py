@@ -107,7 +107,9 @@ def snapshot(args):
 @body("regress")
 def regress_command(args):
     from gdbhandles.automation import regress, runner
-    if not args.update:
+    if args.update:
+        regress.check_writable(args.expect)
+    else:
         expected = regress.load(args.expect)
     with runner.session(args.qemu, args.snapshot, args.gdb, args.qmp) as gdb:
         actual, = runner.run_commands(gdb, ["walk all"])

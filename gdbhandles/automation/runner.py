@@ -186,6 +186,8 @@ def gdb_address(text: str) -> tuple[str, int]:
 @contextlib.contextmanager
 def session(qemu_text: str | None, snapshot: str | None, gdb_at: str | None, qmp: str | None):
     """gdb attached either to a QEMU booted here (paused at the snapshot) or to a running one."""
+    if shutil.which("gdb") is None:              # before QEMU starts
+        raise RunError("gdb not found in PATH (apt-get install gdb)")
     if gdb_at:
         if qemu_text:
             raise RunError("give either --qemu or --gdb, not both")

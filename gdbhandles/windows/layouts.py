@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdbhandles.errors import ProfileError
+from gdbhandles.windows.files import FileError, open_regular, read_capped
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 POINTER_SIZE = 8
@@ -177,15 +178,21 @@ def for_build(build: int, revision: int | None = None) -> ProfileLayout | None:
                                  f"PDB GUID unknown)", None)
 
 
+MAX_ISF = 256 << 20         # bytes of JSON: real ISFs hold some 10-60 MiB
+
+
 def read_isf(path: str | Path) -> dict:
     """A volatility3 ISF file: .json, .json.xz or .json.gz."""
     path = Path(path)
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix)
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            isf = json.load(handle)
-    except (OSError, ValueError, EOFError, lzma.LZMAError) as exc:
-        raise ProfileError(f"cannot read ISF profile {path}: {exc}") from None
+        with open(open_regular(path, "ISF profile"), "rb") as raw:
+            handle = opener(raw) if opener else raw
+            isf = json.loads(read_capped(handle, MAX_ISF, "ISF profile", path))
+    except FileError as exc:
+        raise ProfileError(str(exc)) from None
+    except (OSError, ValueError, EOFError, lzma.LZMAError, RecursionError) as exc:
+        raise ProfileError(f"cannot read ISF profile {path}: {str(exc)[:200]}") from None
     if not isinstance(isf, dict) or "user_types" not in isf:
         raise ProfileError(f"{path} is not a volatility3 ISF (no user_types)")
     return isf

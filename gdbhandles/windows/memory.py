@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdbhandles.errors import UnreadablePage
+from gdbhandles.windows.files import open_regular
 
 PAGE = 0x1000
 LINE = 0x200
@@ -39,13 +40,14 @@ class DumpFile:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        with open(path, "rb") as handle:
+        with open(open_regular(path, "dump"), "rb") as handle:
             self.size = handle.seek(0, 2)
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
 
     def read(self, paddr: int, size: int) -> bytes:
         if paddr < 0 or paddr + size > self.size:
-            raise UnreadablePage(paddr, "past the end of the dump", physical=True)
+            raise UnreadablePage(paddr, f"past the end of the dump ({self.size:#x} bytes): the dump is truncated",
+                                 physical=True)
         return self._map[paddr:paddr + size]
 
     def close(self) -> None:
