@@ -33,7 +33,7 @@ def open_regular(path, what: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise FileError(f"cannot open {what} {path}: {exc.strerror}") from None
+        raise FileError(f"cannot read {what} {path}: {exc.strerror}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
