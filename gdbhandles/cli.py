@@ -33,7 +33,10 @@ DUMP = (Argument("--dump", "raw physical memory dump (pmemsave)", required=True,
         Argument("--dtb", "kernel DTB (physical PML4 address) instead of discovery", Kind.NUMBER,
                  metavar="ADDRESS"),
         Argument("--kernel-base", "ntoskrnl base address instead of discovery", Kind.NUMBER, metavar="ADDRESS"),
-        Argument("--profile", "volatility3 ISF for a build gdbhandles does not ship", metavar="ISF"))
+        Argument("--profile", "volatility3 ISF for a build gdbhandles does not ship", metavar="ISF"),
+        Argument("--layout", "auto (shipped layout or ISF, else inferred) or infer (structure offsets derived "
+                             "from the kernel's code and live data, shipped layouts ignored)", default="auto",
+                 metavar="auto|infer"))
 BODIES: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
@@ -59,6 +62,12 @@ def frame() -> Frame:
                  shutil.get_terminal_size().columns if terminal else None, paint)
 
 
+def _layout(text: str) -> str:
+    if text not in ("auto", "infer"):
+        raise HandleError(f"--layout {text}: give auto or infer")
+    return text
+
+
 def open_dump(args: argparse.Namespace, progress=None):
     from gdbhandles.engine import Windows
     try:
@@ -67,7 +76,8 @@ def open_dump(args: argparse.Namespace, progress=None):
         raise HandleError(f"cannot open dump {args.dump}: {exc.strerror}") from None
     if phys.size == 0:
         raise HandleError(f"dump {args.dump} is empty")
-    return Windows.open(phys, dtb=args.dtb, kernel_base=args.kernel_base, isf=args.profile, progress=progress)
+    return Windows.open(phys, dtb=args.dtb, kernel_base=args.kernel_base, isf=args.profile, progress=progress,
+                        layout=_layout(args.layout))
 
 
 def run_query(command: Command, args: argparse.Namespace) -> None:

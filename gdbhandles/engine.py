@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from gdbhandles.windows import access, kernel as kernel_module
+from gdbhandles.windows import access, discovery, kernel as kernel_module
 from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProcessNotFound, UnknownType
 from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
 from gdbhandles.windows.memory import PhysicalMemory
@@ -44,14 +44,14 @@ class Windows:
     @classmethod
     def open(cls, phys, registers: list[dict] | None = None, dtb: int | None = None,
              kernel_base: int | None = None, isf: str | None = None,
-             progress: Progress | None = None) -> "Windows":
+             progress: Progress | None = None, layout: str = "auto") -> "Windows":
         for what, address in (("DTB", dtb), ("kernel base", kernel_base)):
             if address is not None and address & 0xFFF:
                 raise HandleError(f"the given {what} {address:#x} is not page-aligned (it must end in 000)")
         memory = phys if isinstance(phys, PhysicalMemory) else PhysicalMemory(phys)
         if progress:
             progress("looking for the Windows kernel")
-        return cls(kernel_module.discover(memory, registers, dtb, kernel_base, isf), registers or [])
+        return cls(discovery.discover(memory, registers, dtb, kernel_base, isf, layout), registers or [])
 
     # --- processes -------------------------------------------------------------------------
 
@@ -250,7 +250,9 @@ class Windows:
             dtb_source=kernel.dtb_source, kernel_base_source=kernel.base_source, profile=kernel.layout.source,
             globals=dict(kernel.globals), sources=dict(kernel.sources),
             stats=ReadStats(**vars(kernel.phys.stats)), header_cookie=kernel.header_cookie,
-            warnings=notes + [f"pid {w.pid}: {w.message}" for w in self.warnings])
+            warnings=notes + [f"pid {w.pid}: {w.message}" for w in self.warnings],
+            checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
+            inferred=dict(getattr(kernel.layout, "how", {})))
 
 
 def _no_table(process: Process) -> str:

@@ -106,6 +106,8 @@ class InfoRecord:
     stats: ReadStats
     header_cookie: int | None = None
     warnings: list[str] = field(default_factory=list)
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)   # invariants: (what, passed, detail)
+    inferred: dict[str, str] = field(default_factory=dict)   # "struct.field" -> how found (layout infer)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -201,6 +201,12 @@ def info_text(record: InfoRecord, paint: Paint = plain) -> str:
     s = record.stats
     lines.append(f"reads        {s.reads} requests, {s.round_trips} memory reads, {s.bytes} bytes, "
                  f"{s.cache_hits} cache hits")
+    if record.inferred:
+        lines.append("inferred offsets")
+        lines += [f"  {name:<34} {escape(how)}" for name, how in record.inferred.items()]
+    passed = sum(1 for _, ok, _ in record.checks if ok)
+    lines.append(f"checks       {passed} of {len(record.checks)} passed")
+    lines += [f"  {'passed' if ok else 'FAILED'}  {what}: {escape(detail)}" for what, ok, detail in record.checks]
     lines += [f"warning      {escape(w)}" for w in record.warnings]
     return "\n".join(lines)
 

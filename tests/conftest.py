@@ -27,9 +27,10 @@ class BootedGuest:
 
 @pytest.fixture(scope="session")
 def built_guest():
-    """built_guest(profile=19041, scenario="default", seed=0, guid=None, corrupt=()) -> guest directory."""
-    def get(profile="19041", scenario="default", seed=0, guid=None, corrupt=()) -> Path:
-        return cached_guest(str(profile), scenario, seed, guid, tuple(corrupt))
+    """built_guest(profile=19041, scenario="default", seed=0, guid=None, corrupt=(), code_variants=None)
+    -> guest directory."""
+    def get(profile="19041", scenario="default", seed=0, guid=None, corrupt=(), code_variants=None) -> Path:
+        return cached_guest(str(profile), scenario, seed, guid, tuple(corrupt), code_variants)
     return get
 
 
@@ -38,8 +39,8 @@ def booted_guest():
     """booted_guest(profile, scenario, seed, guid, **booted_kwargs) -> BootedGuest; QEMU is
     killed and its socket directory removed when the test ends."""
     with contextlib.ExitStack() as stack:
-        def boot(profile="19041", scenario="default", seed=0, guid=None, **kw) -> BootedGuest:
-            d = cached_guest(str(profile), scenario, seed, guid)
+        def boot(profile="19041", scenario="default", seed=0, guid=None, code_variants=None, **kw) -> BootedGuest:
+            d = cached_guest(str(profile), scenario, seed, guid, code_variants)
             b = stack.enter_context(booted(d, **kw))
             return BootedGuest(d, json.loads((d / "truth.json").read_text()), b.port, b.qmp, b.pid)
         yield boot

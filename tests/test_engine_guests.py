@@ -15,7 +15,7 @@ import pytest
 
 from gdbhandles.windows import layouts
 from gdbhandles.engine import Windows
-from gdbhandles.errors import Advice, BadHandle, NotWindows, ProcessNotFound, UnknownBuild
+from gdbhandles.errors import Advice, BadHandle, NotWindows, ProcessNotFound
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 PROFILES = [p["version"] for p in layouts.shipped_profiles()]
@@ -214,13 +214,13 @@ def test_wiped_kernel_is_not_windows(guests, tmp_path):
     assert result.stderr.count("\n") == 1 and "not a Windows x64 guest" in result.stderr
 
 
-def test_unknown_build_needs_a_profile(guests, tmp_path):
+def test_unknown_build_is_inferred_or_read_from_a_profile(guests, tmp_path):
     guest = guests("19041", guid="random")
     build = physical(guest, guest.truth["globals"]["NtBuildNumber"])
     copy = patched_copy(guest.dump, tmp_path / "unknown.raw", {build: struct.pack("<I", 0xF0000000 | 12345)})
-    with pytest.raises(UnknownBuild, match="no shipped layout") as exc:
-        Windows.open(DumpFile(copy))
-    assert exc.value.advice is Advice.SUPPLY_PROFILE
+    windows = Windows.open(DumpFile(copy))
+    assert windows.info().profile.startswith("inferred")
+    check_handles(windows, guest.truth)
     windows = Windows.open(DumpFile(copy), isf=str(guest.dir / "symbols.json"))
     assert windows.info().build == 12345
     check_handles(windows, guest.truth)

@@ -115,11 +115,17 @@ def test_not_a_pe():
     assert not pe.looks_like_pe(lambda rva, size: (b"MZ" + bytes(0x3E))[rva:rva + size].ljust(size, b"\0"))
 
 
+def addresses(pairs):
+    return [address for address, _ in pairs]
+
+
 def test_globals_from_code():
-    assert disasm.type_table_and_cookie(read_va, BASE + TEXT) == (BASE + TYPES, BASE + COOKIE)
-    assert disasm.first_qword_load(read_va, BASE + TEXT + 0x100) == BASE + CID
-    assert disasm.byte_table(read_va, BASE + TEXT + 0x300) == BASE + MASKS       # through the tail jump
-    assert disasm.qword_loads(read_va, BASE + TEXT + 0x100) == [BASE + CID]
+    get_type = disasm.traces(read_va, BASE + TEXT)
+    assert addresses(disasm.indexed_tables(get_type, 8)) == [BASE + TYPES]
+    assert addresses(disasm.constant_loads(get_type, 1)) == [BASE + COOKIE]
+    assert addresses(disasm.constant_loads(disasm.traces(read_va, BASE + TEXT + 0x100), 8)) == [BASE + CID]
+    query = disasm.traces(read_va, BASE + TEXT + 0x300)                      # through the tail jump
+    assert addresses(disasm.indexed_tables(query, 1)) == [BASE + MASKS]
 
 
 def test_win7_object_type_has_no_cookie():
@@ -127,4 +133,6 @@ def test_win7_object_type_has_no_cookie():
     body = b"\x0F\xB6\x41\xE8" + b"\x48\x8D\x0D" + rip(at + 4, 7, TYPES) + b"\x48\x8B\x04\xC1\xC3"
     win7 = IMAGE[:TEXT] + body + IMAGE[TEXT + len(body):]
     reader = lambda va, size: win7[va - BASE:va - BASE + size]  # noqa: E731
-    assert disasm.type_table_and_cookie(reader, BASE + TEXT) == (BASE + TYPES, None)
+    found = disasm.traces(reader, BASE + TEXT)
+    assert addresses(disasm.indexed_tables(found, 8)) == [BASE + TYPES]
+    assert disasm.constant_loads(found, 1) == []

@@ -19,10 +19,12 @@ def main() -> int:
     ap.add_argument("--guid", choices=["random"], help="a GUID no known kernel has")
     ap.add_argument("--corrupt", action="append", default=[], choices=sorted(KINDS), metavar="KIND",
                     help="damage the guest (repeatable): " + ", ".join(sorted(KINDS)))
+    ap.add_argument("--code-variants", choices=["random"],
+                    help="exported functions in equivalent encodings drawn per guest (seeded)")
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args()
     t0 = time.monotonic()
-    g = build(a.profile, a.scenario, a.seed, a.guid, a.corrupt)
+    g = build(a.profile, a.scenario, a.seed, a.guid, a.corrupt, a.code_variants)
     write(a.out, g)
     t = g["truth"]
     print(f"{a.out}: {t['profile']['version']} {a.scenario} seed {a.seed}: {len(t['processes'])} processes, "

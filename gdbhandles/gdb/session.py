@@ -35,6 +35,7 @@ class Session:
         self.phys: GdbPhysical | None = None
         self.windows: Windows | None = None
         self.isf: str | None = None
+        self.layout = "auto"        # `set handle layout`
         self.fresh = False          # True while nothing ran since self.windows was opened
         self.opens = 0              # how often discovery ran from scratch (handle info shows it)
         self.source = None          # how the last engine read memory (handle info shows it)
@@ -60,9 +61,9 @@ class Session:
         self.fast, self.fast_ram, self.fast_reason, self._fast_tried = {}, None, "", {}
 
     def _check_profile(self) -> None:
-        isf = settings.value("profile") or None
-        if isf != self.isf:
-            self.isf = isf
+        isf, layout = settings.value("profile") or None, settings.value("layout")
+        if (isf, layout) != (self.isf, self.layout):
+            self.isf, self.layout = isf, layout
             self._target_gone()
 
     def memory_text(self) -> str:
@@ -163,7 +164,7 @@ class Session:
             facts = previous.info()
             try:
                 windows = Windows.open(phys, registers=registers, dtb=facts.dtb,
-                                       kernel_base=facts.kernel_base, isf=self.isf)
+                                       kernel_base=facts.kernel_base, isf=self.isf, layout=self.layout)
             except HandleError:
                 pass                 # the guest rebooted or the kernel moved: start over
             else:                    # say how they were found in the first place
@@ -171,4 +172,4 @@ class Session:
                 windows.kernel.base_source = f"{facts.kernel_base_source}; revalidated after the guest ran"
                 return windows
         self.opens += 1
-        return Windows.open(phys, registers=registers, isf=self.isf)
+        return Windows.open(phys, registers=registers, isf=self.isf, layout=self.layout)

@@ -52,6 +52,26 @@ gdbhandles does not ship. Empty: use the shipped profiles."""
         return f"ISF profile: {svalue or '(none: shipped profiles)'}"
 
 
+class LayoutParameter(gdb.Parameter):
+    """Where structure offsets come from: auto (shipped layout by PDB GUID or build, or the ISF of
+`set handle profile`; inferred when none fits) or infer (always derived from the kernel's code
+and live data, shipped layouts ignored)."""
+
+    set_doc = "Set where structure offsets come from (auto or infer)."
+    show_doc = "Show where structure offsets come from."
+    default = "auto"
+
+    def __init__(self):
+        super().__init__("handle layout", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "infer"])
+        self.value = self.default
+
+    def get_set_string(self):
+        return "" if self.value == "auto" else "structure offsets will be inferred from the kernel"
+
+    def get_show_string(self, svalue):
+        return f"Layout: {svalue}"
+
+
 class QmpParameter(gdb.Parameter):
     """QEMU's QMP socket: a unix socket path or tcp:127.0.0.1:PORT (for handle pause/resume)."""
 
@@ -127,8 +147,8 @@ the gdbstub first: auto (when available, else the stub), on (fail if unavailable
         return f"Reading guest RAM from the local QEMU process: {svalue} (handle info says whether it is used)"
 
 
-SETTINGS = {"profile": ProfileParameter, "qmp": QmpParameter, "progress": ProgressParameter,
-            "auto-pause": AutoPauseParameter, "fast-path": FastPathParameter}
+SETTINGS = {"profile": ProfileParameter, "layout": LayoutParameter, "qmp": QmpParameter,
+            "progress": ProgressParameter, "auto-pause": AutoPauseParameter, "fast-path": FastPathParameter}
 _parameters: dict[str, gdb.Parameter] = {}
 
 

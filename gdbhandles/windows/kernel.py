@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from gdbhandles.windows import disasm, layouts, pe
-from gdbhandles.errors import HandleError, MissingGlobal, NotWindows, ProfileError, UnknownBuild
+from gdbhandles.windows import layouts, pe
+from gdbhandles.errors import HandleError, NotWindows, ProfileError
 from gdbhandles.windows.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory
 
 KERNEL_PDBS = {"ntkrnlmp.pdb", "ntoskrnl.pdb", "ntkrnlpa.pdb", "ntkrpamp.pdb"}
@@ -25,14 +25,14 @@ SCAN_DOWN = 32 << 20                  # how far below a code address the image b
 LARGE = 2 << 20
 KERNEL_REGION = (0xFFFFF80000000000, 0xFFFFF88000000000)   # where every x64 build loads ntoskrnl
 IDT_VECTORS = 4
-GLOBALS = ("PsActiveProcessHead", "PspCidTable", "ObTypeIndexTable", "ObHeaderCookie",
-           "ObpInfoMaskToOffset", "ObpKernelHandleTable", "PsInitialSystemProcess")
-# Optional object headers in InfoMask bit order (0x01 … 0x40): ObpInfoMaskToOffset's basis.
-OPTIONAL_HEADERS = (("_OBJECT_HEADER_CREATOR_INFO",), ("_OBJECT_HEADER_NAME_INFO",),
-                    ("_OBJECT_HEADER_HANDLE_INFO",), ("_OBJECT_HEADER_QUOTA_INFO",),
-                    ("_OBJECT_HEADER_PROCESS_INFO",),
-                    ("_OBJECT_HEADER_EXTENDED_INFO", "_OBJECT_HEADER_AUDIT_INFO"),
-                    ("_OBJECT_HEADER_PADDING_INFO",))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One invariant of live data that discovery tested (shown by `handle info`)."""
+    name: str
+    passed: bool
+    detail: str = ""
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Kernel:
     info_mask_to_offset: bytes = b""
     system_process: int = 0
     kernel_table: int = 0
+    checks: list[Check] = field(default_factory=list)
 
     def va_reader(self):
         return self.space.read
@@ -226,7 +227,7 @@ def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_
     raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail}")
 
 
-def _build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
+def build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
     rva = image.exports.get("NtBuildNumber")
     try:
         if rva is not None:
@@ -236,13 +237,17 @@ def _build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
         raise NotWindows("the kernel's build number is unreadable (NtBuildNumber, KUSER_SHARED_DATA)") from None
 
 
-def choose_layout(image: pe.PeImage, build: int, isf: str | None) -> tuple[layouts.Layout, layouts.Layout | None]:
-    """(layout for structures, layout whose symbols belong to this exact kernel or None)."""
+def choose_layout(image: pe.PeImage, build: int, isf: str | None,
+                  infer: bool = False) -> tuple[layouts.Layout | None, layouts.Layout | None]:
+    """(layout for structures, layout whose symbols belong to this exact kernel or None); no
+    layout (None) when it must be inferred: asked to, or nothing we have describes the build."""
     data = layouts.read_isf(isf) if isf else None     # a file that is no ISF fails here, always
     made_for = layouts.isf_pdb(data) if data is not None else None
     if made_for is not None and image.guid is not None and made_for != (image.guid, image.age):
         raise ProfileError(f"{isf} is the ISF of ntkrnlmp.pdb {made_for[0]}/{made_for[1]}, not of this "
                            f"kernel ({image.guid}/{image.age})")
+    if infer:
+        return None, None
     exact = layouts.for_guid(image.guid, image.age) if image.guid else None
     if exact is not None:
         return exact, exact
@@ -257,120 +262,9 @@ def choose_layout(image: pe.PeImage, build: int, isf: str | None) -> tuple[layou
         return same_build, isf_layout if isf_layout and isf_layout.symbols else None
     if isf_layout is not None:
         return isf_layout, None
-    raise UnknownBuild(f"unknown Windows build {build} (ntkrnlmp.pdb {image.guid}/{image.age}): no shipped "
-                       "layout")
-
-
-def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int | None = None,
-             kernel_base: int | None = None, isf: str | None = None) -> Kernel:
-    registers = registers or []
-    space, dtb_source, base, image, base_source = locate(phys, registers, dtb, kernel_base)
-    build = _build_number(space, base, image)
-    layout, symbols = choose_layout(image, build, isf)
-    kernel = Kernel(phys, space, dtb_source, base, base_source, image, build, layout)
-    _resolve_globals(kernel, symbols)
-    return kernel
-
-
-def _export(kernel: Kernel, name: str) -> int:
-    rva = kernel.image.exports.get(name)
-    if rva is None:
-        raise MissingGlobal(f"the kernel does not export {name}")
-    return kernel.base + rva
-
-
-def _resolve_globals(kernel: Kernel, symbols: layouts.Layout | None) -> None:
-    found, sources = kernel.globals, kernel.sources
-    if symbols is not None:
-        how = "shipped RVA for this PDB GUID" if isinstance(symbols, layouts.ProfileLayout) \
-            else f"symbols of {symbols.source}"
-        for name in GLOBALS:
-            rva = symbols.symbols.get(name)
-            if rva is not None:
-                found[name], sources[name] = kernel.base + rva, how
-        if "ObHeaderCookie" not in found and name_known(symbols, "ObHeaderCookie"):
-            found["ObHeaderCookie"], sources["ObHeaderCookie"] = None, f"absent from this build ({how})"
-    read = kernel.va_reader()
-    if "PsInitialSystemProcess" not in found:
-        found["PsInitialSystemProcess"] = _export(kernel, "PsInitialSystemProcess")
-        sources["PsInitialSystemProcess"] = "export"
-    kernel.system_process = _pointer(kernel, "PsInitialSystemProcess")
-    if "PspCidTable" not in found:
-        _by_disassembly(kernel, "PspCidTable", "PsLookupProcessByProcessId",
-                        lambda address: disasm.first_qword_load(read, address))
-    if "ObTypeIndexTable" not in found or "ObHeaderCookie" not in found:
-        table, cookie = disasm.type_table_and_cookie(read, _export(kernel, "ObGetObjectType"))
-        if "ObTypeIndexTable" not in found and table is not None:
-            found["ObTypeIndexTable"], sources["ObTypeIndexTable"] = table, "disassembly of ObGetObjectType"
-        if "ObHeaderCookie" not in found:
-            found["ObHeaderCookie"] = cookie
-            sources["ObHeaderCookie"] = ("disassembly of ObGetObjectType" if cookie is not None else
-                                         "absent (ObGetObjectType reads no cookie)")
-    if "ObpInfoMaskToOffset" not in found:
-        try:
-            _by_disassembly(kernel, "ObpInfoMaskToOffset", "ObQueryNameString",
-                            lambda address: disasm.byte_table(read, address))
-        except MissingGlobal:
-            found["ObpInfoMaskToOffset"] = None
-            sources["ObpInfoMaskToOffset"] = "computed from the layout's optional header sizes"
-    if "PsActiveProcessHead" not in found:
-        links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
-        found["PsActiveProcessHead"] = kernel.space.u64(kernel.system_process + links + 8)
-        sources["PsActiveProcessHead"] = "System's ActiveProcessLinks.Blink (PsInitialSystemProcess)"
-    table_offset = kernel.layout.offset("_EPROCESS", "ObjectTable")
-    if "ObpKernelHandleTable" not in found:
-        kernel_table = kernel.space.u64(kernel.system_process + table_offset)
-        for candidate in disasm.qword_loads(read, _export(kernel, "ObReferenceObjectByHandle")):
-            if _safe_u64(kernel, candidate) == kernel_table:
-                found["ObpKernelHandleTable"] = candidate
-                sources["ObpKernelHandleTable"] = "disassembly of ObReferenceObjectByHandle (checked " \
-                                                  "against System's ObjectTable)"
-                break
-        else:
-            found["ObpKernelHandleTable"] = None
-            sources["ObpKernelHandleTable"] = "System's ObjectTable (the global itself not located)"
-        kernel.kernel_table = kernel_table
-    else:
-        kernel.kernel_table = _pointer(kernel, "ObpKernelHandleTable")
-    for name in ("PspCidTable", "ObTypeIndexTable"):
-        if found.get(name) is None:
-            raise MissingGlobal(f"cannot locate {name} for build {kernel.build}")
-    cookie = found.get("ObHeaderCookie")
-    kernel.header_cookie = kernel.space.u8(cookie) if cookie is not None else None
-    kernel.info_mask_to_offset = _info_mask_table(kernel)
+    return None, None
 
 
 def name_known(symbols: layouts.Layout, name: str) -> bool:
     """True when the symbol source lists the name, even as absent (null)."""
     return name in symbols.symbols
-
-
-def _by_disassembly(kernel: Kernel, name: str, function: str, finder) -> None:
-    target = finder(_export(kernel, function))
-    if target is None:
-        raise MissingGlobal(f"cannot locate {name}: no reference in {function}'s code")
-    kernel.globals[name] = target
-    kernel.sources[name] = f"disassembly of {function}"
-
-
-def _pointer(kernel: Kernel, name: str) -> int:
-    return kernel.space.u64(kernel.globals[name])
-
-
-def _safe_u64(kernel: Kernel, va: int) -> int | None:
-    try:
-        return kernel.space.u64(va)
-    except HandleError:
-        return None
-
-
-def _info_mask_table(kernel: Kernel) -> bytes:
-    """ObpInfoMaskToOffset as the kernel holds it, or computed as ObpInitInfoBlockOffsets does."""
-    address = kernel.globals.get("ObpInfoMaskToOffset")
-    if address is not None:
-        return kernel.space.read(address, 256)
-    sizes = []
-    for names in OPTIONAL_HEADERS:
-        sizes.append(next((kernel.layout.size(n) for n in names if kernel.layout.size(n)), 0))
-    return bytes(sum(size for bit, size in enumerate(sizes) if mask & (1 << bit)) & 0xFF
-                 for mask in range(256))

@@ -26,11 +26,11 @@ def sources_digest() -> str:
 
 
 def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: str | None = None,
-          corrupt: tuple = ()) -> Path:
+          corrupt: tuple = (), code_variants: str | None = None) -> Path:
     """The directory of a built guest; builds it (once, under a lock) if missing."""
     digest = sources_digest()
     damage = "+".join(corrupt)
-    name = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}|{damage}|{digest}".encode()).hexdigest()[:20]
+    name = hashlib.sha256(f"{profile}|{scenario}|{seed}|{guid}|{damage}|{code_variants}|{digest}".encode()).hexdigest()[:20]
     out = CACHE / name
     if (out / "done").exists():
         return out
@@ -41,7 +41,7 @@ def guest(profile: str | int, scenario: str = "default", seed: int = 0, guid: st
             prune(digest)
             tmp = CACHE / f"{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            write(tmp, build(str(profile), scenario, seed, guid, corrupt))
+            write(tmp, build(str(profile), scenario, seed, guid, corrupt, code_variants))
             (tmp / "done").write_text(digest)
             tmp.rename(out)
     return out

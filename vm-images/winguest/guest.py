@@ -68,20 +68,26 @@ class World:
         return p.table.add(obj, access, attributes, index)
 
 
-def build(spec: str, scenario: str, seed: int = 0, guid: str | None = None, corrupt: tuple = ()) -> dict:
-    """Assemble a guest in memory (damaged by each kind in `corrupt`); returns the files' contents."""
-    return GuestBuilder(spec, scenario, seed, guid, tuple(corrupt)).run()
+def build(spec: str, scenario: str, seed: int = 0, guid: str | None = None, corrupt: tuple = (),
+          code_variants: str | None = None) -> dict:
+    """Assemble a guest in memory (damaged by each kind in `corrupt`); returns the files' contents.
+    code_variants="random": the exported functions tools disassemble in equivalent encodings drawn
+    per guest."""
+    return GuestBuilder(spec, scenario, seed, guid, tuple(corrupt), code_variants).run()
 
 
 class GuestBuilder:
     """The stages of one build, in the order their data depend on each other."""
 
-    def __init__(self, spec: str, scenario: str, seed: int, guid: str | None, corrupt: tuple = ()):
+    def __init__(self, spec: str, scenario: str, seed: int, guid: str | None, corrupt: tuple = (),
+                 code_variants: str | None = None):
         self.corrupt = corrupt
         self.file_key, self.profile = find_profile(spec)
         self.L = Layout(self.profile)
         self.scenario, self.seed = scenario, seed
-        self.rng = random.Random(f"{self.profile['version']}|{scenario}|{seed}|{guid}")
+        self.code_variants = code_variants == "random"
+        tail = "|variants" if self.code_variants else ""
+        self.rng = random.Random(f"{self.profile['version']}|{scenario}|{seed}|{guid}{tail}")
         real_guid = self.profile["pdb"]["guid"]
         if guid == "random" or real_guid is None:
             self.guid, self.age, self.guid_mode = "%032X" % self.rng.getrandbits(128), self.rng.randrange(1, 4), "random"
@@ -124,7 +130,8 @@ class GuestBuilder:
         self.space = AddressSpace(self.phys, self.dtb)
         self.kmem = KernelMemory(self.phys, self.space, glob=glob)
         self.image = build_kernel_image(self.profile, guid=self.guid, age=self.age,
-                                        base=self.regions.kernel_base, rng=rng)
+                                        base=self.regions.kernel_base, rng=rng,
+                                        code_variants=self.code_variants)
         map_image(self.image, self.phys, self.space, self.kvashadow)
         self.pools = {"nonpaged": Pool(self.kmem, self.regions.nonpaged, 0, rng),
                       "paged": Pool(self.kmem, self.regions.paged, 1, rng)}
@@ -273,7 +280,8 @@ class GuestBuilder:
         loader, lowstub = assemble_loader(boot, self.dtb, self.stub_alias, image, self.kvashadow)
         truth = make_truth(self.file_key, self.profile, self.scenario, self.seed, self.guid_mode, self.guid,
                            self.age, image, self.dtb, self.procs, self.world, self.om, vcpus, self.system,
-                           self.cid, self.L, {"transition_pages": self.kmem.transition, **self.extra_truth})
+                           self.cid, self.L, {"transition_pages": self.kmem.transition, **self.extra_truth,
+                                              "code_forms": image.code_forms})
         if self.damages:
             edit_truth(truth, self.damages)
         ranges = [[image.base, image.base + len(image.data)]]

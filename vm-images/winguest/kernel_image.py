@@ -21,8 +21,9 @@ import re
 import struct
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import code_variants as variants
 from .profiles import Layout, all_profiles
 
 PAGE = 0x1000
@@ -62,6 +63,7 @@ class KernelImage:
     symbols: dict[str, int]      # name -> RVA of every global and function placed
     exports: dict[str, int]      # exported name -> RVA
     sections: list[Section]
+    code_forms: dict[str, str] = field(default_factory=dict)   # what -> encoding drawn (--code-variants)
 
     def va(self, name: str) -> int:
         return self.base + self.symbols[name]
@@ -90,8 +92,11 @@ def _saving_rbx_rsi(frame: int, rsi: bool = True) -> tuple[str, str]:
     ret""")
 
 
-def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
-    unique_pid = L.off("_EPROCESS", "UniqueProcessId")
+def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = None,
+               forms: dict[str, str] | None = None) -> dict[str, str]:
+    """nasm source of every function; with `rng`, the exported ones the tools disassemble in
+    a randomly drawn equivalent form (`forms` records which)."""
+    forms = {} if forms is None else forms
     entry_shift = "sar rdi, 10h\n    and rdi, -10h" if win8 else "and rdi, -8"
     # rcx = table, rdx = handle -> rdi = the entry's object pointer, or on to .invalid
     find_entry = f"""
@@ -102,10 +107,7 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     {entry_shift}
     jz .invalid"""
     apc_disable = 0x1E4 if win8 else 0x1C4    # _KTHREAD.KernelApcDisable (not in the profile data)
-    f = {}
-    f["PsGetProcessId"] = f"""
-    mov rax, [rcx + {unique_pid:#x}]
-    ret"""
+    f = variants.accessors(rng)
     f["PsGetCurrentProcess"] = f"""
     mov rax, [gs:188h]
     mov rax, [rax + {{off:_KTHREAD.ApcState.Process}}]
@@ -154,12 +156,20 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     xor eax, eax
     ret"""
     enter, leave = _saving_rbx_rsi(0x20)
+    cid_load, forms["PspCidTable"] = (variants.cid_table_load(rng) if rng else
+                                      (["mov rcx, [rel {PspCidTable}]"], "rip"))
+    if rng and rng.random() < 0.3:      # the table lookup in a worker that tail-jumps onwards
+        f["PspReferenceCidTableEntry"] = variants.cid_worker()
+        forms["PspCidTable"] = "worker"
+        find_cid = find_entry.replace("call {ExpLookupHandleTableEntry}", "call {PspReferenceCidTableEntry}")
+        cid_load = []
+    else:
+        find_cid = find_entry
     f["PsLookupProcessByProcessId"] = enter + f"""
     mov rsi, rdx
     mov rbx, [gs:188h]
     dec word [rbx + {apc_disable:#x}]
-    mov rdx, rcx
-    mov rcx, [rel {{PspCidTable}}]{find_entry}
+    mov rdx, rcx""" + variants.lines(cid_load) + f"""{find_cid}
     cmp byte [rdi], 3                    ; DISPATCHER_HEADER.Type == ProcessObject
     jne .invalid
     lock inc qword [rdi - 30h]           ; ObReferenceObject: header PointerCount
@@ -170,7 +180,10 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     mov eax, 0C000000Bh                  ; STATUS_INVALID_CID
 .done:
     inc word [rbx + {apc_disable:#x}]""" + leave
-    if cookie:
+    if rng:
+        chosen, forms["ObGetObjectType"] = variants.ob_get_object_type(rng, cookie)
+        f.update(chosen)
+    elif cookie:
         f["ObGetObjectType"] = """
     lea rax, [rcx - 30h]
     movzx ecx, byte [rcx - 18h]
@@ -189,6 +202,11 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     mov rax, [rcx + rax * 8]
     ret"""
     enter, leave = _saving_rbx_rsi(0x30)
+    kernel_load, forms["ObpKernelHandleTable"] = (variants.kernel_table_load(rng) if rng else
+                                                  (["mov rcx, [rel {ObpKernelHandleTable}]"], "rip"))
+    process_load = (variants.process_table_load(rng) if rng else
+                    ["mov rax, [rbx + {off:_KTHREAD.ApcState.Process}]",
+                     "mov rcx, [rax + {off:_EPROCESS.ObjectTable}]"])
     lookup = """
     ; rcx = handle, rdx = access, r8 = type, r9b = mode, [rsp+28h] = object out""" + enter + f"""
     mov rsi, rcx
@@ -198,13 +216,10 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     cmp rcx, -6
     jae .pseudo
     test r9b, r9b
-    jnz .invalid
-    mov rcx, [rel {{ObpKernelHandleTable}}]
+    jnz .invalid""" + variants.lines(kernel_load) + """
     btr rsi, 63
     jmp .lookup
-.process:
-    mov rax, [rbx + {{off:_KTHREAD.ApcState.Process}}]
-    mov rcx, [rax + {{off:_EPROCESS.ObjectTable}}]
+.process:""" + variants.lines(process_load) + f"""
 .lookup:
     mov rdx, rsi{find_entry}
     lea rdi, [rdi + 30h]
@@ -242,6 +257,9 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     add rsp, 38h
     ret"""
     enter, leave = _saving_rbx_rsi(0x20, rsi=False)
+    mask_lookup, forms["ObpInfoMaskToOffset"] = (variants.info_mask_lookup(rng) if rng else
+                                                 (["lea r10, [rel {ObpInfoMaskToOffset}]",
+                                                   "movzx ecx, byte [r10 + rax]"], "base-first"))
     f["ObQueryNameStringMode"] = """
     ; rcx = object body: the name info header through ObpInfoMaskToOffset""" + enter + """
     mov rdi, rdx
@@ -249,9 +267,7 @@ def _functions(L: Layout, cookie: bool, win8: bool) -> dict[str, str]:
     movzx eax, byte [rbx + {off:_OBJECT_HEADER.InfoMask}]
     test al, 2
     jz .unnamed
-    and eax, 3
-    lea r10, [rel {ObpInfoMaskToOffset}]
-    movzx ecx, byte [r10 + rax]
+    and eax, 3""" + variants.lines(mask_lookup) + """
     sub rbx, rcx
     movzx eax, word [rbx + {off:_OBJECT_HEADER_NAME_INFO.Name}]
     mov [rdi], ax
@@ -414,7 +430,8 @@ IDT_STUB = """
     push {vector:#x}
     jmp near {KiCommonTrap}"""
 
-CODE_EXPORTS = ("PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId", "ObReferenceObjectByHandle",
+CODE_EXPORTS = ("PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId", "PsGetProcessImageFileName",
+                "PsGetThreadId", "PsGetThreadProcessId", "ObReferenceObjectByHandle",
                 "ObReferenceObjectByHandleWithTag", "ObQueryNameString", "PsGetCurrentProcess",
                 "IoGetCurrentProcess", "KeGetCurrentThread", "PsGetCurrentProcessId", "ExAllocatePoolWithTag",
                 "KeBugCheckEx")
@@ -535,8 +552,9 @@ def _align(value: int, alignment: int) -> int:
 def _assemble(functions: dict[str, str], symbols: dict[str, int], L: Layout) -> dict[str, bytes]:
     """One nasm run: each function its own section at its RVA; returns each one's bytes."""
     def offset(match: re.Match) -> str:
-        struct_name, field = match.group(1).split(".", 1)
-        return f"{L.off(struct_name, field):#x}"
+        struct_name, member = match.group(1).split(".", 1)
+        member, _, extra = member.partition("+")
+        return f"{L.off(struct_name, member) + int(extra or '0', 0):#x}"
 
     lines = ["bits 64", "[map sections map.txt]"]
     order = sorted(functions, key=lambda n: symbols[n])
@@ -636,14 +654,15 @@ def _headers(image: KernelImage, entry: int, timestamp: int, dirs: dict[int, tup
 # ---- the builder's entry point ------------------------------------------------------------
 
 def build_kernel_image(profile: dict, *, guid: str, age: int, base: int, rng: random.Random,
-                       size_hint: int | None = None) -> KernelImage:
+                       size_hint: int | None = None, code_variants: bool = False) -> KernelImage:
     L = Layout(profile)
     build = profile["build"]
     win8 = build >= 9200
     fixed = ({k: v["rva"] for k, v in profile["symbols"].items() if v} if profile["symbols"]
              else _template_symbols(profile, rng))
     cookie = "ObHeaderCookie" in fixed or (not profile["symbols"] and build >= 10240)
-    functions = _functions(L, cookie, win8)
+    forms: dict[str, str] = {}
+    functions = _functions(L, cookie, win8, random.Random(rng.getrandbits(64)) if code_variants else None, forms)
     for vector in range(256):
         functions[IDT_NAME.format(vector)] = IDT_STUB.format(vector=vector, KiCommonTrap="{KiCommonTrap}")
         functions[IDT_NAME.format(vector) + "Shadow"] = IDT_STUB.format(vector=vector,
@@ -682,7 +701,7 @@ def build_kernel_image(profile: dict, *, guid: str, age: int, base: int, rng: ra
     sections += [pdata, rsrc]
     size = max(rsrc.rva + rsrc.vsize, size_hint or 0)
     rsrc.vsize = size - rsrc.rva
-    image = KernelImage(base, bytearray(size), symbols, {}, sections)
+    image = KernelImage(base, bytearray(size), symbols, {}, sections, forms if code_variants else {})
     for s in sections:
         if s.characteristics & 0x20000000:
             image.data[s.rva:s.rva + s.vsize] = b"\xCC" * s.vsize

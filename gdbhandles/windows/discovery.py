@@ -1,0 +1,32 @@
+"""Discovery in order: the kernel (kernel.py), its layout (shipped, ISF, or inferred), its
+globals (kernel_globals.py), then the invariants every later step relies on (validate.py)."""
+
+from __future__ import annotations
+
+from gdbhandles.windows import infer, infer_threads, kernel as kernel_module, kernel_globals, validate
+from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.memory import PhysicalMemory
+
+LAYOUT_MODES = ("auto", "infer")
+
+
+def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int | None = None,
+             kernel_base: int | None = None, isf: str | None = None, layout: str = "auto") -> Kernel:
+    """The running kernel with every fact it found and how; `layout="infer"` ignores shipped layouts."""
+    registers = registers or []
+    space, dtb_source, base, image, base_source = kernel_module.locate(phys, registers, dtb, kernel_base)
+    build = kernel_module.build_number(space, base, image)
+    chosen, symbols = kernel_module.choose_layout(image, build, isf, infer=layout == "infer")
+    kernel = Kernel(phys, space, dtb_source, base, base_source, image, build, chosen or infer.nearest_base(build))
+    inferred = None
+    if chosen is None:
+        inferred = kernel.layout = infer.InferredLayout(kernel.layout, build)
+        system = space.u64(kernel_globals.export(kernel, "PsInitialSystemProcess"))
+        infer.infer_process(kernel, inferred, system)
+        infer_threads.infer_thread_code(kernel, inferred)
+    kernel_globals.resolve(kernel, symbols)
+    if inferred is not None:
+        infer_threads.check_threads(kernel, inferred)
+        inferred.lazy["_CM_KEY_CONTROL_BLOCK"] = lambda: infer_threads.infer_kcb(kernel, inferred)
+    validate.run(kernel)
+    return kernel

@@ -1,0 +1,179 @@
+"""Inferred thread and registry offsets: _ETHREAD.Cid, _KTHREAD.ApcState.Process,
+_KPCR.Prcb.CurrentThread and the key control block's NameBlock/ParentKcb.
+
+Code: PsGetThreadProcessId/PsGetThreadId read Cid, PsGetCurrentProcess reads
+[gs:CurrentThread]+ApcState.Process. Live data: PspCidTable holds every thread body under its
+own id, so a thread's Cid is where its own id sits after its process's pid; a key's control
+blocks chain up through ParentKcb to one root named REGISTRY.
+"""
+
+from __future__ import annotations
+
+from gdbhandles.errors import HandleError
+from gdbhandles.windows import disasm
+from gdbhandles.windows.handle_table import EntryFormat, HandleTable
+from gdbhandles.windows.infer import InferredLayout, _accessor, _agree, _exported_code, _qwords
+from gdbhandles.windows.kernel import Check, Kernel
+
+THREAD_OBJECT, PROCESS_OBJECT = 6, 3       # _DISPATCHER_HEADER.Type
+THREAD_SCAN = 0x800
+SAMPLE = 16                                # threads checked
+KCB_SCAN = 0x200
+MAX_KEY_DEPTH = 64
+
+
+def infer_thread_code(kernel: Kernel, layout: InferredLayout) -> None:
+    """What the accessors say; the CID table checks it later (check_threads)."""
+    cid = _accessor(kernel, "PsGetThreadProcessId")
+    tid = _accessor(kernel, "PsGetThreadId")
+    if cid is None and tid is not None:
+        cid = (tid[0] - 8, tid[1] + " (UniqueThread, Cid + 8)")
+    if cid is not None:
+        layout.put("_ETHREAD", "Cid", cid[0], 16, cid[1])
+    for function, found in _exported_code(kernel, "PsGetCurrentProcess", "IoGetCurrentProcess"):
+        reads = disasm.loads_through(found[:1], "gs")
+        if reads:
+            base, disp, at = reads[0]
+            layout.put("_KTHREAD", "ApcState.Process", disp, 8, f"code: {function} at {at:#x}")
+            layout.put("_KPCR", "Prcb.CurrentThread", base[1], 8, f"code: {function} at {at:#x} (gs:{base[1]:#x})")
+            break
+
+
+def _cid_bodies(kernel: Kernel) -> tuple[dict[int, int], dict[int, int]]:
+    """(pid -> EPROCESS, tid -> ETHREAD) from PspCidTable, a sample of threads."""
+    table = HandleTable(kernel, kernel.space.u64(kernel.globals["PspCidTable"]), EntryFormat(kernel))
+    processes, threads = {}, {}
+    for entry in table.entries():
+        body = getattr(entry, "header", None)
+        if not body:
+            continue
+        try:
+            kind = kernel.space.u8(body)
+        except HandleError:
+            continue
+        if kind == PROCESS_OBJECT:
+            processes[entry.handle] = body
+        elif kind == THREAD_OBJECT and len(threads) < SAMPLE:
+            threads[entry.handle] = body
+    return processes, threads
+
+
+def _live_cid(kernel: Kernel, processes: dict, threads: dict) -> tuple[int, str] | None:
+    candidates = None
+    for tid, body in threads.items():
+        words = _qwords(kernel, body, THREAD_SCAN)
+        here = {8 * i for i in range(len(words) - 1) if words[i + 1] == tid and words[i] in processes}
+        candidates = here if candidates is None else candidates & here
+    if candidates:
+        return min(candidates), f"live: {len(threads)} threads of PspCidTable hold their pid and own tid there"
+    return None
+
+
+def _live_apc_process(kernel: Kernel, processes: dict, threads: dict, cid: int) -> set[int]:
+    """Offsets where every sampled thread holds its own process's EPROCESS."""
+    candidates = None
+    for body in threads.values():
+        words = _qwords(kernel, body, THREAD_SCAN)
+        owner = processes.get(words[cid // 8])
+        here = {8 * i for i, w in enumerate(words) if owner and w == owner}
+        candidates = here if candidates is None else candidates & here
+    return candidates or set()
+
+
+def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
+    """Cid and ApcState.Process against the threads PspCidTable holds (after globals are known)."""
+    processes, threads = _cid_bodies(kernel)
+    code = layout.fields.get(("_ETHREAD", "Cid"))
+    code = (code.offset, layout.how["_ETHREAD.Cid"]) if code else None
+    cid, how = _agree(kernel, "_ETHREAD.Cid", code, _live_cid(kernel, processes, threads))
+    layout.put("_ETHREAD", "Cid", cid, 16, how)
+    owners = _live_apc_process(kernel, processes, threads, cid)
+    known = layout.fields.get(("_KTHREAD", "ApcState.Process"))
+    if known is None and owners:
+        layout.put("_KTHREAD", "ApcState.Process", min(owners), 8,
+                   "live: the first slot where every sampled thread holds its own EPROCESS")
+    elif known is not None:
+        kernel.checks.append(Check("_KTHREAD.ApcState.Process holds each thread's own EPROCESS",
+                                   known.offset in owners, f"{len(threads)} threads of PspCidTable"))
+
+
+def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
+    """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
+    from gdbhandles.windows import object_types
+    types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
+    body_offset, entry_format = kernel.layout.offset("_OBJECT_HEADER", "Body"), EntryFormat(kernel)
+    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
+    table_offset = kernel.layout.offset("_EPROCESS", "ObjectTable")
+    head, bodies = kernel.globals["PsActiveProcessHead"], []
+    entry, count = kernel.space.u64(head), 0
+    while entry != head and count < 4096 and len(bodies) < limit:
+        table = kernel.space.u64(entry - links + table_offset)
+        if table:
+            for item in HandleTable(kernel, table, entry_format).entries():
+                header = getattr(item, "header", None)
+                if header and object_types.decoded_type(kernel, types, header + body_offset,
+                                                        kernel.header_cookie) == "Key":
+                    bodies.append(header + body_offset)
+        entry, count = kernel.space.u64(entry), count + 1
+    return bodies[:limit]
+
+
+class _Kcbs:
+    """Cached reads of control blocks and name blocks for the joint search."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel, self.blocks, self.names = kernel, {}, {}
+        L = kernel.layout
+        self.length, self.name = L.field("_CM_NAME_CONTROL_BLOCK", "NameLength"), L.offset("_CM_NAME_CONTROL_BLOCK", "Name")
+
+    def words(self, kcb: int) -> list[int]:
+        if kcb not in self.blocks:
+            self.blocks[kcb] = _qwords(self.kernel, kcb, KCB_SCAN)
+        return self.blocks[kcb]
+
+    def name_of(self, block: int) -> str | None:
+        if block not in self.names:
+            try:
+                head = self.kernel.space.read(block, self.name)
+                length = self.length.extract(head)
+                raw = self.kernel.space.read(block + self.name, length) if 0 < length < 256 else b""
+                self.names[block] = raw.decode("latin-1") if raw and raw.isascii() and raw.decode().isprintable() else None
+            except HandleError:
+                self.names[block] = None
+        return self.names[block]
+
+    def root_name(self, kcb: int, parent: int, name: int) -> str | None:
+        """Follow `parent` to the root; its name, or None when any step breaks the invariants."""
+        for _ in range(MAX_KEY_DEPTH):
+            try:
+                words = self.words(kcb)
+            except HandleError:
+                return None
+            label = self.name_of(words[name // 8]) if words[name // 8] >> 47 == 0x1FFFF else None
+            if label is None:
+                return None
+            if not words[parent // 8]:
+                return label
+            kcb = words[parent // 8]
+            if kcb >> 47 != 0x1FFFF:
+                return None
+        return None
+
+
+def infer_kcb(kernel: Kernel, layout: InferredLayout) -> None:
+    """NameBlock and ParentKcb: the one pair under which every sampled key's chain of control
+    blocks is named all the way up to a root named REGISTRY."""
+    kcb_field = kernel.layout.offset("_CM_KEY_BODY", "KeyControlBlock")
+    kcbs = [kernel.space.u64(body + kcb_field) for body in _key_bodies(kernel)]
+    cache, found = _Kcbs(kernel), []
+    for parent in range(0, KCB_SCAN, 8):
+        for name in range(0, KCB_SCAN, 8):
+            if parent != name and kcbs and all((cache.root_name(k, parent, name) or "").upper() == "REGISTRY"
+                                               for k in kcbs):
+                found.append((parent, name))
+    how = f"live: the only offsets under which {len(kcbs)} keys' control blocks chain up to \\REGISTRY"
+    kernel.checks.append(Check("key control blocks: one ParentKcb/NameBlock pair chains every key to REGISTRY",
+                               len(found) == 1, f"{len(kcbs)} keys, {len(found)} pairs"))
+    if len(found) == 1:
+        layout.put("_CM_KEY_CONTROL_BLOCK", "ParentKcb", found[0][0], 8, how)
+        layout.put("_CM_KEY_CONTROL_BLOCK", "NameBlock", found[0][1], 8, how)

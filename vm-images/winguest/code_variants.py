@@ -1,0 +1,161 @@
+"""Equivalent encodings of the exported functions tools disassemble (`build.py --code-variants random`).
+
+Real ntoskrnl builds compile the same C in other ways: other registers, the cookie byte as the
+memory operand of an `xor`, a `lea` of a global and a load through that register, independent
+instructions in another order, the work in a worker reached by a call or a tail jump, a body
+ending in a jump to a shared epilogue. One form per function is drawn from the guest's rng.
+
+Templates name registers %A (64-bit), %A32 and %A8; `fill` substitutes a random allocation.
+{Symbol} and {off:Struct.Field} are left for kernel_image's assembler.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+VOLATILE = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11")
+_LEGACY = {"rax": ("eax", "al"), "rcx": ("ecx", "cl"), "rdx": ("edx", "dl"), "rbx": ("ebx", "bl"),
+           "rsi": ("esi", "sil"), "rdi": ("edi", "dil")}
+
+
+def _sub(reg: str, width: str) -> str:
+    if width == "":
+        return reg
+    if reg in _LEGACY:
+        return _LEGACY[reg][0 if width == "32" else 1]
+    return reg + ("d" if width == "32" else "b")
+
+
+def fill(template: str, regs: dict[str, str]) -> str:
+    return re.sub(r"%([A-Z])(32|8)?", lambda m: _sub(regs[m.group(1)], m.group(2) or ""), template)
+
+
+def _merge(rng: random.Random, sequences: list[list[str]]) -> list[str]:
+    """A random interleaving that keeps each sequence's own order (independent instructions)."""
+    pending = [list(s) for s in sequences if s]
+    out = []
+    while pending:
+        chosen = rng.choice(pending)
+        out.append(chosen.pop(0))
+        if not chosen:
+            pending.remove(chosen)
+    return out
+
+
+def lines(lines: list[str]) -> str:
+    return "".join("\n    " + line for line in lines)
+
+
+# ---- ObGetObjectType ----------------------------------------------------------------------
+
+COOKIE_FORMS = {
+    "movzx-rip": (["movzx %K32, byte [rel {ObHeaderCookie}]"], ["xor %I, %K"]),
+    "lea-movzx": (["lea %K, [rel {ObHeaderCookie}]", "movzx %K32, byte [%K]"], ["xor %I, %K"]),
+    "xor-rip": ([], ["xor %I8, byte [rel {ObHeaderCookie}]"]),
+    "lea-xor": (["lea %K, [rel {ObHeaderCookie}]"], ["xor %I8, byte [%K]"]),
+    "mov-rip": (["xor %K32, %K32", "mov %K8, byte [rel {ObHeaderCookie}]"], ["xor %I, %K"]),
+}
+
+
+def ob_get_object_type(rng: random.Random, cookie: bool) -> tuple[dict[str, str], str]:
+    """(functions, form name): rcx = object body -> rax = its _OBJECT_TYPE."""
+    copy = rng.random() < 0.4              # the body pointer first copied out of rcx
+    regs = {"P": rng.choice(["rdx", "r8", "r9", "r10", "r11"]) if copy else "rcx"}
+    free = [r for r in VOLATILE if r != regs["P"] and (copy or r != "rcx")]
+    regs.update(zip("HIKT", rng.sample(free, 4)))
+    index = ["movzx %I32, byte [%P - 18h]"]
+    table = ["lea %T, [rel {ObTypeIndexTable}]"]
+    form = "no-cookie"
+    if cookie:
+        form = rng.choice(sorted(COOKIE_FORMS))
+        load, apply = COOKIE_FORMS[form]
+        header = ["lea %H, [%P - 30h]", "shr %H, 8", "movzx %H32, %H8"]
+        body = _merge(rng, [header, index, load, table]) + rng.sample(["xor %I, %H"] + apply, 1 + len(apply))
+    else:
+        body = _merge(rng, [index, table])
+    body = (["mov %P, rcx"] if copy else []) + body
+    tail = ["mov rax, [%T + %I*8]", "ret"]
+    functions = {}
+    if rng.random() < 0.4:                         # the end in a separate chunk, reached by a jump
+        functions["ObGetObjectType"] = fill(lines(body + ["jmp {ObpGetObjectTypeChunk}"]), regs)
+        functions["ObpGetObjectTypeChunk"] = fill(lines(tail), regs)
+        form += "+chunk"
+    else:
+        functions["ObGetObjectType"] = fill(lines(body + tail), regs)
+    return functions, form
+
+
+# ---- PspCidTable in PsLookupProcessByProcessId --------------------------------------------
+
+def cid_table_load(rng: random.Random) -> tuple[list[str], str]:
+    """Lines that leave PspCidTable's value in rcx (rdx already holds the id), and a form name;
+    some forms first load an unrelated global, so "the first qword load" is not enough."""
+    reg = rng.choice(["rax", "r8", "r9", "r10", "r11"])
+    forms = {
+        "rip": ["mov rcx, [rel {PspCidTable}]"],
+        "copy": [f"mov {reg}, [rel {{PspCidTable}}]", f"mov rcx, {reg}"],
+        "lea": [f"lea {reg}, [rel {{PspCidTable}}]", f"mov rcx, [{reg}]"],
+    }
+    form = rng.choice(sorted(forms))
+    lines = forms[form]
+    if rng.random() < 0.5:
+        other = rng.choice([r for r in ("r9", "r10", "r11") if r != reg])
+        lines = [f"mov {other}, [rel {{PsInitialSystemProcess}}]", f"test {other}, {other}"] + lines
+        form += "+decoy"
+    return lines, form
+
+
+def cid_worker() -> str:
+    """PspReferenceCidTableEntry: rcx = id -> the table entry, by a tail jump into the lookup."""
+    return lines(["mov rdx, rcx", "mov rcx, [rel {PspCidTable}]", "jmp {ExpLookupHandleTableEntry}"])
+
+
+# ---- ObReferenceObjectByHandle ------------------------------------------------------------
+
+def kernel_table_load(rng: random.Random) -> tuple[list[str], str]:
+    """Lines that leave ObpKernelHandleTable's value in rcx."""
+    reg = rng.choice(["rax", "rdx", "r8", "r10", "r11"])
+    forms = {"rip": ["mov rcx, [rel {ObpKernelHandleTable}]"],
+             "lea": [f"lea {reg}, [rel {{ObpKernelHandleTable}}]", f"mov rcx, [{reg}]"],
+             "copy": [f"mov {reg}, [rel {{ObpKernelHandleTable}}]", f"mov rcx, {reg}"]}
+    form = rng.choice(sorted(forms))
+    return forms[form], form
+
+
+def process_table_load(rng: random.Random) -> list[str]:
+    """rbx = current thread -> rcx = its process's ObjectTable."""
+    reg = rng.choice(["rax", "rdx", "r8", "r9", "r11"])
+    return [f"mov {reg}, [rbx + {{off:_KTHREAD.ApcState.Process}}]",
+            f"mov rcx, [{reg} + {{off:_EPROCESS.ObjectTable}}]"]
+
+
+# ---- ObQueryNameStringMode ------------------------------------------------------------------
+
+def info_mask_lookup(rng: random.Random) -> tuple[list[str], str]:
+    """eax = InfoMask & 3 -> ecx = ObpInfoMaskToOffset[eax] (base and index in either order)."""
+    reg = rng.choice(["r8", "r9", "r10", "r11", "rdx"])
+    swap = rng.random() < 0.5
+    operand = f"[rax + {reg}]" if swap else f"[{reg} + rax]"
+    return [f"lea {reg}, [rel {{ObpInfoMaskToOffset}}]", f"movzx ecx, byte {operand}"], \
+        "index-first" if swap else "base-first"
+
+
+# ---- field accessors ----------------------------------------------------------------------
+
+def accessor(rng: random.Random | None, field: str, lea: bool = False) -> str:
+    """rcx = structure -> rax = the field (or its address), optionally through a copy of rcx."""
+    op = "lea" if lea else "mov"
+    if rng is None or rng.random() < 0.5:
+        return lines([f"{op} rax, [rcx + {{off:{field}}}]", "ret"])
+    reg = rng.choice(["rdx", "r8", "r9", "r10", "r11"])
+    return lines([f"mov {reg}, rcx", f"{op} rax, [{reg} + {{off:{field}}}]", "ret"])
+
+
+def accessors(rng: random.Random | None) -> dict[str, str]:
+    """The exported one-field getters (their real builds' form is `mov rax, [rcx+X]; ret`)."""
+    return {
+        "PsGetProcessId": accessor(rng, "_EPROCESS.UniqueProcessId"),
+        "PsGetProcessImageFileName": accessor(rng, "_EPROCESS.ImageFileName", lea=True),
+        "PsGetThreadId": accessor(rng, "_ETHREAD.Cid+8"),
+        "PsGetThreadProcessId": accessor(rng, "_ETHREAD.Cid"),
+    }
