@@ -62,7 +62,7 @@ and live data, shipped layouts ignored)."""
     default = "auto"
 
     def __init__(self):
-        super().__init__("handle layout", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "infer"])
+        super().__init__(f"{PREFIX} layout", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "infer"])
         self.value = self.default
 
     def get_set_string(self):
