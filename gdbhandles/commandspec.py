@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gdbhandles import render
+from gdbhandles import queries, render, render_queries
+from gdbhandles.errors import HandleError
 
 __all__ = ["Kind", "Argument", "Command", "Frame", "Output", "COMMANDS", "declare", "number", "process",
            "add_arguments", "help_text", "deliver", "write_atomically"]
@@ -122,7 +123,8 @@ def add_arguments(command: Command, parser: argparse.ArgumentParser,
         if arg.kind is Kind.FLAG:
             parser.add_argument(arg.name, action="store_true", help=arg.help)
             continue
-        extra = {"nargs": "?"} if arg.positional and arg.optional else {"nargs": "+"} if arg.many else {}
+        extra = {"nargs": "*" if arg.many else "?"} if arg.positional and arg.optional else \
+            {"nargs": "+"} if arg.many else {}
         if not arg.positional:
             extra["metavar"] = arg.shown
             extra["required"] = arg.required
@@ -177,6 +179,7 @@ class Output:
     json: str | None = None
     summary: str | None = None           # after the output; goes to stderr when the output is JSON
     records: list = field(default_factory=list)
+    note: str | None = None              # before the output (which process was chosen); stderr with JSON
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -203,6 +206,8 @@ def deliver(output: Output, args: argparse.Namespace, out: Callable[[str], None]
     """JSON (only JSON) or the text to `out` or to --output FILE; the summary where it pollutes nothing."""
     as_json = getattr(args, "json", False) and output.json is not None
     body = (output.json if as_json else output.text).rstrip("\n") + "\n"
+    if output.note:                  # before the output, where it pollutes nothing
+        (err if as_json or getattr(args, "output", None) else out)(output.note + "\n")
     destination = getattr(args, "output", None)
     if destination:
         try:
@@ -219,21 +224,48 @@ def deliver(output: Output, args: argparse.Namespace, out: Callable[[str], None]
 
 # --- the engine commands ----------------------------------------------------------------------------
 
+class _Current:
+    """The default of a target left out: the current process of the selected vCPU."""
+
+    def __repr__(self) -> str:
+        return "the current process"
+
+
+CURRENT = _Current()
+
+
+def _current(windows) -> tuple[int, str]:
+    """The selected vCPU's current process (pid) and the line saying which it is."""
+    found, note = queries.current_process(windows)
+    return found.pid, note
+
+
 def _lookup(windows, args, frame: Frame) -> Output:
-    record = windows.lookup(args.process, args.handle)
-    return Output(render.lookup_text(record, frame.paint), render.lookup_json([record]), records=[record])
+    target, note = _current(windows) if args.process is None else (args.process, None)
+    record = windows.lookup(target, args.handle)
+    return Output(render.lookup_text(record, frame.paint), render.lookup_json([record]), records=[record],
+                  note=note)
 
 
 def _walk(windows, args, frame: Frame) -> Output:
+    """A dump has no vCPU, so there the default target is every process."""
+    note = None
+    target = args.target
+    if target is CURRENT:
+        target, note = _current(windows) if windows.registers else (None, None)
+    if args.free:
+        records = list(queries.free_entries(windows, target, warn=frame.warn))
+        return Output(render_queries.free_table(records, frame.width, frame.paint), render_queries.free_json(records),
+                      render_queries.free_summary(records), records, note)
     started = time.monotonic()
     before = windows.info().stats
-    records = list(windows.walk(args.target, type=args.type, name=args.name, progress=frame.progress,
+    records = list(windows.walk(target, type=args.type, name=args.name, progress=frame.progress,
                                 warn=frame.warn))
     frame.progress.done()
     stats = render.stats_since(windows.info().stats, before)
     summary = render.walk_summary(records, time.monotonic() - started, stats)
     return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
-                  summary, records)
+                  summary, records, note)
 
 
 def _ps(windows, args, frame: Frame) -> Output:
@@ -252,20 +284,65 @@ def _info(windows, args, frame: Frame) -> Output:
 HANDLE_HELP = ("handle value; -1/-2: the current process/thread of the selected vCPU; kernel handles as "
                "0x80000004 or 0xffffffff80000004")
 
-declare(Command("lookup", "Show what one handle of a process refers to.", "lookup lsass.exe 0x1c",
-                (Argument("process", "pid (decimal or 0x-hex) or image name", Kind.PROCESS),
+declare(Command("lookup", "Show what one handle of a process (default: the current one) refers to.",
+                "lookup lsass.exe 0x1c; in gdb also: handle lookup $rcx, handle lookup 4 *(long*)($rsp+0x28)",
+                (Argument("process", "pid (decimal or 0x-hex) or image name; without it, the current process "
+                                     "of the selected vCPU (gdb)", Kind.PROCESS, optional=True),
                  Argument("handle", HANDLE_HELP, Kind.VALUE)),
                 json=True, output=True, query=_lookup))
-declare(Command("walk", "List the handles of one process or of all.", "walk explorer.exe --type File",
-                (Argument("target", "pid, image name, or all (default; System's table holds the kernel "
-                                    "handles)", Kind.TARGET, optional=True, default="all"),
+declare(Command("walk", "List the handles of one process, of all, or (default, in gdb) of the current one.",
+                "walk explorer.exe --type File; walk all; walk 672 --free",
+                (Argument("target", "pid, image name, or all (System's table holds the kernel handles); default: "
+                                    "the current process of the selected vCPU in gdb, all of a dump",
+                          Kind.TARGET, optional=True, default=CURRENT),
                  Argument("--type", "only objects of this type (File, Key, Event, ...)", Kind.TYPE),
-                 Argument("--name", "only objects whose name contains this text")),
+                 Argument("--name", "only objects whose name contains this text"),
+                 Argument("--free", "list the entries without an object instead (free and never allocated), with "
+                                    "their place in the kernel's free list (0 = handed out next)", Kind.FLAG)),
                 json=True, output=True, query=_walk))
 declare(Command("ps", "List the processes: pid, name, EPROCESS, handle table, level, handle count.", "ps",
                 json=True, output=True, query=_ps))
 declare(Command("info", "Show what was detected: build, PDB GUID, kernel base, DTB, layout, globals, reads.",
                 "info", json=True, output=True, query=_info))
+
+# --- who holds an object, the CID table (queries.py) ---------------------------------------------------
+
+def _find(windows, args, frame: Frame) -> Output:
+    if (args.object is None) == (args.name is None):
+        raise HandleError("find takes an object address or --name TEXT (one of the two)")
+    started = time.monotonic()
+    records = list(windows.walk(None, type=args.type, name=args.name, object=args.object,
+                                progress=frame.progress, warn=frame.warn))
+    frame.progress.done()
+    summary = render_queries.find_summary(records, args.object, args.name, time.monotonic() - started)
+    return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
+                  summary, records)
+
+
+def _cid(windows, args, frame: Frame) -> Output:
+    if (args.id is None) == (not args.all):
+        raise HandleError("cid takes an id or --all (one of the two)")
+    before = len(windows.warnings)
+    records = queries.cid_all(windows) if args.all else [queries.cid(windows, args.id)]
+    for warning in windows.warnings[before:]:
+        frame.warn(warning)
+    if args.all:
+        return Output(render_queries.cid_table(records, frame.width, frame.paint), render_queries.cid_json(records),
+                      f"{len(records)} ids in PspCidTable", records)
+    return Output(render_queries.cid_text(records[0]), render_queries.cid_json(records), records=records)
+
+
+declare(Command("find", "List every (process, handle) that refers to one object, or to objects by name, across "
+                "all processes and the kernel table.", "find 0xffffe5a230002630; find --name pagefile --type File",
+                (Argument("object", "object body address (as walk and lookup show it)", Kind.VALUE, optional=True),
+                 Argument("--name", "instead: objects whose name contains this text (any case)"),
+                 Argument("--type", "only objects of this type (File, Key, Process, ...)", Kind.TYPE)),
+                json=True, output=True, query=_find))
+declare(Command("cid", "Resolve a process or thread id through PspCidTable (the kernel's id table), or list it.",
+                "cid 672; cid --all",
+                (Argument("id", "process or thread id (decimal or 0x-hex)", Kind.VALUE, optional=True),
+                 Argument("--all", "list the whole table instead", Kind.FLAG)),
+                json=True, output=True, query=_cid))
 
 # --- gdb only: QEMU's run state through QMP (gdb/qmp_commands.py) --------------------------------------
 
@@ -276,6 +353,18 @@ declare(Command("resume", "Resume the VM: through gdb when it is attached, else 
                 guest=False, front_ends=GDB))
 declare(Command("vmstatus", "Show QEMU's run state (QMP query-status) and gdb's view of it.", "vmstatus",
                 guest=False, front_ends=GDB))
+declare(Command("mark", "Remember the handles of some processes (default all) at this stop, for `diff`.",
+                "mark before; mark leaky leaky.exe 788 --save leaky.json",
+                (Argument("name", "a name for the mark (taking it again replaces it)"),
+                 Argument("targets", "pids or image names (default: every process)", Kind.PROCESS, optional=True,
+                          many=True, metavar="PROCESS"),
+                 Argument("--save", "also write the mark to FILE (JSON)", metavar="FILE")),
+                front_ends=GDB))
+declare(Command("diff", "Show the handles opened (+), closed (-) and changed (~) since a mark, by process.",
+                "diff before; diff --file leaky.json --json",
+                (Argument("name", "a mark taken earlier in this gdb session", optional=True),
+                 Argument("--file", "instead: a mark saved with `mark NAME --save FILE`", metavar="FILE")),
+                json=True, output=True, front_ends=GDB))
 declare(Command("version", "Show the gdbhandles version and where its layout data comes from.", "version",
                 guest=False, front_ends=GDB))
 

@@ -38,23 +38,24 @@ def _show(value) -> str:
     return f"{value:#x}" if isinstance(value, int) else json.dumps(value)
 
 
-def _describe(record: dict) -> str:
-    return (f"pid {record['pid']} ({record['process']}) handle {record['handle']:#x}: {record['type']} "
+def _describe(record: dict, clean=str) -> str:
+    return (f"pid {record['pid']} ({clean(record['process'])}) handle {record['handle']:#x}: {clean(record['type'])} "
             f"{_show(record['name'])} access {record['granted_access']:#x} object {record['object']:#x}")
 
 
-def _changed(old: dict, new: dict) -> str:
+def _changed(old: dict, new: dict, clean=str) -> str:
     changes = ", ".join(f"{f} {_show(old.get(f))} -> {_show(new.get(f))}" for f in FIELDS
                         if old.get(f) != new.get(f))
-    return f"~ pid {new['pid']} ({new['process']}) handle {new['handle']:#x}: {changes}"
+    return f"~ pid {new['pid']} ({clean(new['process'])}) handle {new['handle']:#x}: {changes}"
 
 
-def report(diff: Diff, by_process: bool = False) -> str:
+def report(diff: Diff, by_process: bool = False, clean=str) -> str:
     """One line per difference (+ added, - removed, ~ changed) and a count line; all the
-    added first, then removed, then changed, or with `by_process` in pid and handle order."""
-    lines = [(_key(r), f"+ {_describe(r)}") for r in diff.added] + \
-            [(_key(r), f"- {_describe(r)}") for r in diff.removed] + \
-            [(_key(new), _changed(old, new)) for old, new in diff.changed]
+    added first, then removed, then changed, or with `by_process` in pid and handle order.
+    `clean` makes a process name safe for a terminal (names and types are JSON-quoted)."""
+    lines = [(_key(r), f"+ {_describe(r, clean)}") for r in diff.added] + \
+            [(_key(r), f"- {_describe(r, clean)}") for r in diff.removed] + \
+            [(_key(new), _changed(old, new, clean)) for old, new in diff.changed]
     if by_process:
         lines.sort(key=lambda line: line[0])
     text = [line for _key_, line in lines]

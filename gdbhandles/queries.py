@@ -23,7 +23,7 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     """The process whose address space vCPU `vcpu` runs in (KPCR -> Prcb.CurrentThread ->
     ApcState.Process), and one line saying how it was found."""
     if vcpu >= len(windows.registers):
-        raise HandleError(f"the current process needs the registers of vCPU {vcpu} (only a live guest has them)")
+        raise HandleError(f"no current process without the registers of vCPU {vcpu} (a dump has none): give a pid")
     registers = windows.registers[vcpu]
     kpcr = kernel_module.vcpu_kpcr(registers)
     if kpcr is None:
@@ -35,7 +35,9 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     owner = space.u64(thread + layout.offset("_KTHREAD", "Process"))
     process = read_process(kernel, attached)
     mode = "user mode, KPCR from KERNEL_GS_BASE" if registers.get("cs", 0) & 3 else "kernel mode, KPCR from GS base"
-    note = f"current process of vCPU {vcpu} ({mode}): {process.name}({process.pid}), thread {thread:#x}"
+    # QEMU's gdbstub numbers vCPU n as thread n + 1; offline there is only the index
+    name = f"vCPU {registers['thread'] - 1}" if "thread" in registers else f"vCPU {vcpu}"
+    note = f"current process of {name} ({mode}): {process.name}({process.pid}), thread {thread:#x}"
     if owner != attached:
         note += f" of {read_process(kernel, owner).name}, attached to this process"
     return process, note

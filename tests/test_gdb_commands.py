@@ -43,6 +43,17 @@ def test_help_lists_every_subcommand_and_setting(loaded):
     assert "Example: handle lookup" in loaded.console("handle lookup --help")
 
 
+def test_workflow_commands_and_functions_have_help_with_an_example(loaded):
+    assert all(word in loaded.console("help handle") for word in ("find", "cid", "mark", "diff"))
+    for name, example in (("find", "handle find 0x"), ("cid", "handle cid 672"), ("mark", "handle mark before"),
+                          ("diff", "handle diff before"), ("walk", "walk 672 --free"),
+                          ("lookup", "handle lookup $rcx")):
+        assert example in loaded.console(f"help handle {name}"), name
+    for name in ("handle_object", "handle_type", "handle_name", "handle_access"):
+        assert f"Usage: ${name}(HANDLE [, PID])" in loaded.console(f"help function {name}")
+    assert "no target" in one_line_error(loaded, "output $handle_type(4)")
+
+
 def test_sourcing_twice_changes_nothing(loaded):
     before = loaded.console("help handle")
     loaded.console(f"source {GDBINIT}")
@@ -51,7 +62,8 @@ def test_sourcing_twice_changes_nothing(loaded):
 
 def test_bad_arguments_are_one_line_usage_errors(loaded):
     assert one_line_error(loaded, "handle lookup").startswith(
-        "handle lookup: the following arguments are required: process, handle (usage: handle lookup")
+        "handle lookup: the following arguments are required: handle (usage: handle lookup [-h] [--json] "
+        "[--output FILE] [process] handle)")
     assert "unrecognized arguments: --frob" in one_line_error(loaded, "handle walk all --frob")
     assert "not a number or expression: $nosuchvar+" in one_line_error(loaded, "handle lookup 4 $nosuchvar+")
     assert "unknown subcommand 'frob'" in one_line_error(loaded, "handle frob")

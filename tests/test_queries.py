@@ -4,6 +4,8 @@ order, and the diff of two sets of records."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,25 @@ def test_diff_reports_by_process():
     assert [line[0] for line in lines[:-1]] == ["~", "-", "+"]
     assert lines[-1] == "1 added, 1 removed, 1 changed"
     assert diff.to_json(found)["changed"] == [{"old": before[0], "new": after[0]}]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gdbhandles.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_shell_has_find_cid_and_free_on_dumps(built_guest):
+    directory = built_guest("19041", "default")
+    truth = json.loads((directory / "truth.json").read_text())
+    dump = str(directory / "memory.raw")
+    process = truth["processes"][1]
+    found = json.loads(cli("cid", "--dump", dump, str(process["pid"]), "--json").stdout)
+    assert [(r["object"], r["type"]) for r in found] == [(process["eprocess"], "Process")]
+    free = json.loads(cli("walk", "--dump", dump, str(process["pid"]), "--free", "--json").stdout)
+    assert sorted((r for r in free if r["free_position"] is not None), key=lambda r: r["free_position"]) and \
+        [r["handle"] for r in sorted(free, key=lambda r: r["free_position"])] == process["free_list"]
+    named = [r for r in truth["handles"] if "pagefile" in (r["name"] or "").lower()]
+    assert json.loads(cli("find", "--dump", dump, "--name", "PageFile", "--json").stdout) == named
+    assert len(json.loads(cli("walk", "--dump", dump, "--json").stdout)) == len(truth["handles"])   # all
+    result = cli("lookup", "--dump", dump, "0x4")
+    assert result.returncode == 2 and "no current process" in result.stderr and "give a pid" in result.stderr

@@ -1,6 +1,6 @@
 """What gdbinit.py calls: create the `handle` commands and settings once."""
 
-from gdbhandles.gdb import commands, qmp_commands  # noqa: F401  (qmp_commands declares subcommands)
+from gdbhandles.gdb import commands, functions, qmp_commands, workflow_commands  # noqa: F401  (command bodies)
 
 _registered = False
 
@@ -10,4 +10,5 @@ def register() -> None:
     global _registered
     if not _registered:
         commands.register()
+        functions.register()
         _registered = True

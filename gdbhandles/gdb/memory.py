@@ -143,9 +143,15 @@ def _read_register(frame: gdb.Frame, name: str) -> int | None:
         return None
 
 
-def vcpu_registers() -> list[dict]:
+def stub_answers() -> bool:
+    """True when gdb can talk to the stub now: while it evaluates a breakpoint condition the
+    vCPUs are stopped although gdb still reports the thread as running."""
+    return _packet("qqemu.PhyMemMode") is not None
+
+
+def vcpu_registers(in_condition: bool = False) -> list[dict]:
     """Registers of every vCPU (gdb thread), the selected one first; the selection is restored."""
-    selected = require_stopped_target()
+    selected = gdb.selected_thread() if in_condition else require_stopped_target()
     frame = gdb.selected_frame()
     threads = sorted(gdb.selected_inferior().threads(), key=lambda t: t.num)
     threads.sort(key=lambda t: t != selected)

@@ -19,7 +19,8 @@ import gdb
 from gdbhandles.engine import Windows
 from gdbhandles.errors import HandleError
 from gdbhandles.gdb import fastpath, paused, settings
-from gdbhandles.gdb.memory import GdbPhysical, TargetRunning, require_stopped_target, vcpu_registers
+from gdbhandles.gdb.memory import (GdbPhysical, TargetRunning, require_stopped_target, stub_answers,
+                                   vcpu_registers)
 
 __all__ = ["Session"]
 
@@ -119,23 +120,22 @@ class Session:
             yield dump, DUMP_SOURCE
 
     @contextlib.contextmanager
-    def open(self):
+    def open(self, in_condition: bool = False):
         """Yield a Windows engine for the guest: the stopped target through the fast path or the
-        gdbstub, or a running one through auto-pause."""
+        gdbstub, or a running one through auto-pause. `in_condition`: called from an expression
+        (the $handle_* functions), which gdb may evaluate in a breakpoint condition, when the
+        vCPUs are stopped but gdb still calls the thread running."""
         self._check_profile()
         try:
             require_stopped_target()
+            in_condition = False
         except TargetRunning:
-            if not settings.value("auto-pause"):
-                raise HandleError("the target is running: stop it first (Ctrl-C or `interrupt`), or let "
-                                  "gdbhandles pause it: set handle qmp SOCKET, set handle auto-pause on") from None
-            with paused.paused_vm() as q, self._paused_memory(q) as (memory, source):
-                self.windows = self._discover(memory, [])
-                self.fresh = False           # the VM runs again after this block
-                self.source = source
-                yield self.windows
-            return
-        registers = vcpu_registers()
+            if not (in_condition and stub_answers()):
+                with self._paused() as windows:
+                    yield windows
+                return
+            self.fresh = False      # gdb may resume after a false condition without telling us
+        registers = vcpu_registers(in_condition)
         if self.phys is None:
             self.phys = GdbPhysical()
         fast = self._fast_path("stub", lambda: self._map_through_stub(registers))
@@ -151,6 +151,20 @@ class Session:
                 self.source = source
             else:
                 self.windows.registers = registers   # the user may have selected another vCPU
+            yield self.windows
+        if in_condition:
+            self.fresh = False
+
+    @contextlib.contextmanager
+    def _paused(self):
+        """A running target: an engine on the VM paused through QMP (fast path or RAM dump)."""
+        if not settings.value("auto-pause"):
+            raise HandleError("the target is running: stop it first (Ctrl-C or `interrupt`), or let "
+                              "gdbhandles pause it: set handle qmp SOCKET, set handle auto-pause on")
+        with paused.paused_vm() as q, self._paused_memory(q) as (memory, source):
+            self.windows = self._discover(memory, [])
+            self.fresh = False           # the VM runs again after this block
+            self.source = source
             yield self.windows
 
     def _map_through_stub(self, registers: list[dict]):
