@@ -17,7 +17,8 @@ from test_gdb_live import by_pid, key, live_guest, sample
 
 pytestmark = pytest.mark.integration
 
-GUESTS = [("19041", "default"), ("7601", "default"), ("19041", "kpti"), ("19041", "level2"), ("19041", "leak")]
+GUESTS = [("19041", "default"), ("7601", "default"), ("19041", "kpti"), ("19041", "level2"), ("19041", "leak"),
+          ("7601", "leak")]
 
 
 @pytest.fixture(scope="module", params=GUESTS, ids=lambda p: "-".join(p))
