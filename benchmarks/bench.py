@@ -1,0 +1,242 @@
+"""The benchmark: one run, side by side for the `big` and `huge` test guests.
+
+For each guest, on the same memory: volatility3 `windows.handles` on a QMP pmemsave, the
+offline engine on that pmemsave (with its cProfile top lines), the live walk through the
+gdbstub, through the local fast path and auto-paused, the raw-stub floor (benchmarks/rsp_floor.py),
+the bytes and reads of a filtered walk (--type Process), and lookup times cold (a fresh gdb)
+and warm. Times are ratios to volatility3 (how many times faster) and to the floor (how
+many floors). Timings are printed, never asserted.
+
+    .venv/bin/python benchmarks/bench.py [--scenarios big huge] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "vm-images"), str(ROOT / "benchmarks")]
+
+import rsp_floor  # noqa: E402
+from boot import booted  # noqa: E402
+from gdbhandles.automation.mi import Gdb  # noqa: E402
+from gdbhandles.automation.qmp import Qmp  # noqa: E402
+from gdbhandles.engine import Windows  # noqa: E402
+from gdbhandles.windows.memory import DumpFile  # noqa: E402
+from winguest.cache import guest as cached_guest  # noqa: E402
+
+VOL = Path(sys.executable).with_name("vol")
+TIMER = """python
+import time as _gh_time
+def _gh_timed(command):
+    started = _gh_time.perf_counter()
+    gdb.execute(command, to_string=True)
+    print("GH_ELAPSED %.6f" % (_gh_time.perf_counter() - started))
+end
+"""
+
+
+def offline(dump: Path) -> dict:
+    """The engine alone on the dump: open + full walk, then the same under cProfile."""
+    started = time.perf_counter()
+    windows = Windows.open(DumpFile(dump))
+    handles = sum(1 for _ in windows.walk())
+    seconds = time.perf_counter() - started
+    stats = windows.info().stats
+    profile = cProfile.Profile()
+    profile.enable()
+    sum(1 for _ in Windows.open(DumpFile(dump)).walk())
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+    top = [line for line in text.getvalue().splitlines() if line.strip()][-13:]
+    return {"seconds": seconds, "handles": handles, "reads": stats.round_trips, "bytes": stats.bytes,
+            "profile": top}
+
+
+def volatility(dump: Path, symbols: Path, work: Path) -> dict:
+    """volatility3 windows.handles, unmodified, with the guest's symbols (as tests/test_volatility.py)."""
+    isf = json.loads(symbols.read_text())["metadata"]["windows"]["pdb"]
+    table = work / "symbols" / "windows" / "ntkrnlmp.pdb"
+    table.mkdir(parents=True, exist_ok=True)
+    shutil.copy(symbols, table / f"{isf['GUID']}-{isf['age']}.json")
+    (work / "cache").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    run = subprocess.run([str(VOL), "-q", "-r", "csv", "--offline", "--cache-path", str(work / "cache"),
+                          "-s", str(work / "symbols"), "-f", str(dump), "windows.handles"],
+                         capture_output=True, text=True, timeout=3600, cwd=work, env={**os.environ, "HOME": str(work)})
+    seconds = time.perf_counter() - started
+    if run.returncode:
+        raise RuntimeError(f"volatility3 failed: {run.stderr[-500:]}")
+    return {"seconds": seconds, "handles": len(run.stdout.splitlines()) - 1}
+
+
+class Live:
+    """A gdb attached to the booted guest, timing commands inside gdb (no MI transfer)."""
+
+    def __init__(self, port: int, work: Path):
+        self.gdb = Gdb(timeout=600)
+        self.port, self.out = port, str(work / "walk.json")
+        self.gdb.source(str(ROOT / "gdbinit.py"))
+        (work / "timer.gdb").write_text(TIMER)
+        self.gdb.console(f"source {work / 'timer.gdb'}")
+        self.gdb.connect("127.0.0.1", port)
+
+    def timed(self, command: str) -> float:
+        text = self.gdb.console(f'python _gh_timed("{command}")', timeout=1800)
+        return float(text.split("GH_ELAPSED ")[1].split()[0])
+
+    def stats(self) -> dict:
+        return self.gdb.json("handle info --json")["stats"]
+
+    def ran(self) -> None:
+        """Let the guest run a moment and stop it: the next command starts from a cold cache."""
+        self.gdb.cont()
+        self.gdb.interrupt()
+
+    def walk(self, fast_path: str, extra: str = "") -> dict:
+        self.gdb.console(f"set handle fast-path {fast_path}")
+        self.ran()
+        seconds = self.timed(f"handle walk all --json --output {self.out}{extra}")
+        stats = self.stats()
+        handles = len(json.loads(Path(self.out).read_text()))
+        return {"seconds": seconds, "handles": handles, "reads": stats["round_trips"], "bytes": stats["bytes"]}
+
+    def auto_paused(self, qmp: str) -> dict:
+        self.gdb.console(f"set handle qmp {qmp}")
+        self.gdb.console("set handle auto-pause on")
+        self.gdb.console("set handle fast-path auto")
+        self.gdb.cont()
+        seconds = self.timed(f"handle walk all --json --output {self.out}")
+        self.gdb.interrupt()
+        return {"seconds": seconds, "handles": len(json.loads(Path(self.out).read_text()))}
+
+    def lookups(self, records: list[dict]) -> dict:
+        """Warm lookups: the same stop of the guest, one after another."""
+        self.ran()
+        self.timed(f"handle lookup {records[0]['pid']} {records[0]['handle']:#x}")
+        times, reads = [], []
+        for record in records:
+            before = self.stats()["round_trips"]
+            times.append(self.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
+            reads.append(self.stats()["round_trips"] - before)
+        return {"times": times, "reads": reads}
+
+    def close(self) -> None:
+        self.gdb.close()
+
+
+def cold_lookups(port: int, work: Path, records: list[dict]) -> dict:
+    times, reads = [], []
+    for record in records:
+        live = Live(port, work)
+        try:
+            times.append(live.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
+            reads.append(live.stats()["round_trips"])
+        finally:
+            live.close()
+    return {"times": times, "reads": reads}
+
+
+def percentiles(times: list[float]) -> dict:
+    ordered = sorted(times)
+    return {"p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]}
+
+
+def scenario(name: str, lookups: int, cold: int) -> dict:
+    directory = cached_guest("19041", name)
+    truth = json.loads((directory / "truth.json").read_text())
+    ram = json.loads((directory / "guest.json").read_text())["ram_mib"] << 20
+    sample = random.Random(7).sample(truth["handles"], lookups)
+    result = {"scenario": name, "processes": len(truth["processes"]), "truth_handles": len(truth["handles"])}
+    with tempfile.TemporaryDirectory(prefix="gh-bench-") as tmp, booted(directory) as vm:
+        work = Path(tmp)
+        dump = work / "pmemsave.raw"
+        with Qmp(vm.qmp) as q:
+            q.stop()
+            q.pmemsave(str(dump), ram)
+        print(f"{name}: offline engine", flush=True)
+        result["offline"] = offline(dump)
+        print(f"{name}: raw-stub floor", flush=True)
+        result["floor_measured"] = rsp_floor.measure(vm.port, result["offline"]["bytes"])
+        print(f"{name}: volatility3", flush=True)
+        result["volatility3"] = volatility(dump, directory / "symbols.json", work)
+        dump.unlink()
+        print(f"{name}: live walks and lookups", flush=True)
+        live = Live(vm.port, work)
+        try:
+            result["stub"] = live.walk("off")
+            result["fast"] = live.walk("on")
+            result["filtered"] = live.walk("off", " --type Process")
+            result["warm"] = live.lookups(sample)
+            result["auto_paused"] = live.auto_paused(vm.qmp)
+        finally:
+            live.close()
+        result["cold"] = cold_lookups(vm.port, work, sample[:cold])
+    result["floor_s"] = rsp_floor.floor(result["floor_measured"], result["stub"]["reads"])
+    return result
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    row = lambda label, cells: lines.append(f"{label:<34}" + "".join(f"{c:>30}" for c in cells))
+    row("", [f"{r['scenario']} ({r['processes']} proc, {r['truth_handles']} handles)" for r in results])
+    for key, label in (("volatility3", "volatility3 windows.handles"), ("offline", "offline engine (pmemsave)"),
+                       ("stub", "live walk, gdbstub"), ("fast", "live walk, fast path"),
+                       ("auto_paused", "auto-paused walk (fast path)")):
+        cells = []
+        for r in results:
+            seconds = r[key]["seconds"]
+            cells.append(f"{seconds:7.2f} s {r['volatility3']['seconds'] / seconds:6.1f}x vol {seconds / r['floor_s']:5.2f} fl")
+        row(label, cells)
+    row("raw-stub floor", [f"{r['floor_s']:7.2f} s {r['volatility3']['seconds'] / r['floor_s']:6.1f}x vol"
+                           for r in results])
+    row("  round trip / 2 KiB bulk", [f"{1000 * r['floor_measured']['round_trip_s']:.3f} ms / "
+                                      f"{r['floor_measured']['bulk_s']:.2f} s" for r in results])
+    row("handles: vol / offline / stub / fast", [f"{r['volatility3']['handles']} / {r['offline']['handles']} / "
+                                                  f"{r['stub']['handles']} / {r['fast']['handles']}" for r in results])
+    row("full walk reads, MiB", [f"{r['stub']['reads']} reads, {r['stub']['bytes'] / 2**20:.1f} MiB" for r in results])
+    row("--type Process reads, MiB", [f"{r['filtered']['reads']} reads, {r['filtered']['bytes'] / 2**20:.1f} MiB "
+                                      f"({r['filtered']['bytes'] / r['stub']['bytes']:.0%})" for r in results])
+    for kind in ("cold", "warm"):
+        row(f"lookup {kind} p50/p99, reads", [f"{p['p50_ms']:.1f}/{p['p99_ms']:.1f} ms, {max(r[kind]['reads'])} max"
+                                              for r in results for p in [percentiles(r[kind]["times"])]])
+    for r in results:
+        lines += ["", f"offline engine profile ({r['scenario']}, by own time):", *r["offline"]["profile"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=["big", "huge"])
+    parser.add_argument("--lookups", type=int, default=50, help="warm lookups (random valid handles)")
+    parser.add_argument("--cold", type=int, default=5, help="cold lookups, each in a fresh gdb")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+    results = [scenario(name, args.lookups, args.cold) for name in args.scenarios]
+    print(report(results))
+    if args.json:
+        for r in results:
+            for kind in ("cold", "warm"):
+                r[kind].update(percentiles(r[kind]["times"]))
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
