@@ -137,7 +137,7 @@ the gdbstub first: auto (when available, else the stub), on (fail if unavailable
     default = "auto"
 
     def __init__(self):
-        super().__init__("handle fast-path", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "on", "off"])
+        super().__init__(f"{PREFIX} fast-path", gdb.COMMAND_DATA, gdb.PARAM_ENUM, ["auto", "on", "off"])
         self.value = self.default
 
     def get_set_string(self):
