@@ -27,7 +27,8 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     registers = windows.registers[vcpu]
     kpcr = kernel_module.vcpu_kpcr(registers)
     if kpcr is None:
-        raise HandleError(f"vCPU {vcpu} has no kernel GS base (KPCR), so no current process")
+        raise HandleError(f"vCPU {vcpu} has no kernel GS base (KPCR), so no current process: give a pid "
+                          "(or walk all)")
     kernel = windows.kernel
     layout, space = kernel.layout, kernel.space
     thread = space.u64(kpcr + layout.offset("_KPCR", "Prcb.CurrentThread"))

@@ -100,6 +100,8 @@ def test_convenience_functions(live):
         assert int(value(live, f"$handle_object({args})")) == record["object"]
         assert int(value(live, f"$handle_access({args})")) == record["granted_access"]
         assert value(live, f"$_streq($handle_name({args}), {literal(record['name'])})") == "1"
+    named = next(r for r in stable(live) if r["process"] in ("lsass.exe", "System"))
+    assert int(value(live, f'$handle_access({named["handle"]:#x}, "{named["process"]}")')) == named["granted_access"]
     for item in live.truth["invalid"][:4]:
         message = live.error(f"output $handle_type({item['handle']:#x}, {item['pid']})")
         assert message.startswith("$handle_type: handle") and f"{item['handle'] & ~3:#x}" in message, message
@@ -183,7 +185,8 @@ def test_free_entries_in_free_list_order(live, tmp_path):
     process = next(p for p in live.truth["processes"] if p["pid"] == pid)
     rows = live.gdb.console(f"handle walk {pid} --free").strip().splitlines()
     assert rows[0].split() == ["PID", "Process", "Handle", "Entry", "Status", "FreeList#"]
-    assert rows[-1] == f"{len(process['free_list'])} entries without an object, {len(process['free_list'])} on the free list"
+    count = len(process["free_list"])
+    assert rows[-1] == f"{count} entries without an object, {count} on the free list"
     statuses = {(e["pid"], e["handle"]) for e in live.truth["invalid"] if e["reason"] in ("free", "never_allocated")}
     mine = {(r["pid"], r["handle"]): r["status"] for r in live.json(f"handle walk {pid} --free --json")}
     for item in live.truth["invalid"]:

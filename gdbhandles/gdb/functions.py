@@ -31,18 +31,31 @@ def _unsigned(value: int, type_name: str) -> gdb.Value:
     return gdb.Value(signed).cast(gdb.lookup_type(type_name))
 
 
+def _process(value: gdb.Value) -> int | str:
+    """A pid, or an image name given as a string ("lsass.exe")."""
+    code = value.type.strip_typedefs().code
+    if code in (gdb.TYPE_CODE_ARRAY, gdb.TYPE_CODE_PTR) and \
+            value.type.strip_typedefs().target().strip_typedefs().code == gdb.TYPE_CODE_INT and \
+            value.type.strip_typedefs().target().sizeof == 1:
+        return value.string()
+    return int(value)
+
+
 class _HandleFunction(gdb.Function):
     """Base: look the handle up, then give one field of the record."""
 
     def __init__(self, name: str, summary: str):
-        self.__doc__ = f"{summary}\nUsage: ${name}(HANDLE [, PID]); PID defaults to the current process."
+        self.__doc__ = (f"{summary}\nUsage: ${name}(HANDLE [, PID]); PID (or an image name in quotes) "
+                        "defaults to the current process.")
         self.function = name
         super().__init__(name)
 
     def invoke(self, handle, pid=None):
+        target = None if pid is None else _process(pid)
         try:
             with session.open(in_condition=True) as windows:
-                target = int(pid) if pid is not None else queries.current_process(windows)[0].pid
+                if target is None:
+                    target = queries.current_process(windows)[0].pid
                 record = windows.lookup(target, int(handle) & MASK64)
         except HandleError as exc:
             raise gdb.GdbError(f"${self.function}: {exc}") from None
