@@ -245,7 +245,8 @@ class Windows:
         kernel = self.kernel
         notes = [f"{name} borrowed from profile {version}" for name, version in kernel.layout.borrowed.items()]
         return InfoRecord(
-            build=kernel.build, version=kernel.layout.version, guid=kernel.image.guid or "", age=kernel.image.age or 0,
+            build=kernel.build, layout=kernel.layout.version,
+            version=".".join(map(str, kernel.image.file_version)) if kernel.image.file_version else None, guid=kernel.image.guid or "", age=kernel.image.age or 0,
             kernel_base=kernel.base, kernel_size=kernel.image.size_of_image, dtb=kernel.space.dtb,
             dtb_source=kernel.dtb_source, kernel_base_source=kernel.base_source, profile=kernel.layout.source,
             globals=dict(kernel.globals), sources=dict(kernel.sources),

@@ -92,7 +92,8 @@ class WalkWarning:
 @dataclass
 class InfoRecord:
     build: int
-    version: str                 # of the profile used
+    version: str | None          # the kernel's own (RT_VERSION FileVersion); None when unreadable
+    layout: str                  # version of the shipped profile (or the ISF) whose structures serve it
     guid: str
     age: int
     kernel_base: int

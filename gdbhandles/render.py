@@ -105,17 +105,17 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int] = frozense
     roles = roles or {}
 
     def line(cells, role=None):
-        parts = []
-        for i, (cell, w) in enumerate(zip(cells, widths)):
-            cell = cell if len(cell) <= w else cell[:max(w - len(CUT), 0)] + CUT[:w]
-            padded = cell.rjust(w) if i in right else cell.ljust(w)
-            parts.append(paint(role or roles.get(i, ""), padded) if (role or roles.get(i)) else padded)
-        text = GAP.join(parts).rstrip()
-        return text
+        cut = [c if len(c) <= w else c[:max(w - len(CUT), 0)] + CUT[:w] for c, w in zip(cells, widths)]
+        padded = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cut, widths))]
+        text = GAP.join(padded).rstrip()
+        if width and len(text) > width:                # narrower than the columns' minimums: cut the row
+            text = text[:width - len(CUT)] + CUT
+        elif not role:                                 # colours per cell, after padding
+            text = GAP.join(paint(roles[i], p) if i in roles else p for i, p in enumerate(padded)).rstrip()
+        return paint(role, text) if role else text
     rule = GAP.join("-" * w for w in widths)
     rule = rule[:width] if width else rule
-    body = [line(r) for r in rows]
-    return "\n".join([line(headers, "header"), paint("header", rule)] + body)
+    return "\n".join([line(headers, "header"), paint("header", rule)] + [line(r) for r in rows])
 
 
 HANDLE_COLUMNS = ["PID", "Process", "Handle", "Object", "Type", "Access", "Attributes", "Name"]
@@ -191,6 +191,8 @@ def info_text(record: InfoRecord, paint: Paint = plain) -> str:
     lines = [f"build        {record.build} (ntkrnlmp.pdb {record.guid} age {record.age})",
              f"kernel base  {record.kernel_base:#018x}, {record.kernel_size:#x} bytes ({record.kernel_base_source})",
              f"kernel DTB   {record.dtb:#x} ({record.dtb_source})",
+             "version      " + (f"{record.version} (the kernel's FileVersion)" if record.version
+                                else "unknown (no readable RT_VERSION in the kernel image)"),
              f"layout       {escape(record.profile)}",
              "cookie       " + ("none (build without ObHeaderCookie)" if record.header_cookie is None
                                 else f"{record.header_cookie:#04x}"),

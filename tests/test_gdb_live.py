@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,9 +286,11 @@ def test_big_guest_counts_sample_and_time():
         started = time.monotonic()
         processes = big.json("handle ps --json")
         assert len(processes) == len(truth["processes"])
-        result = big.gdb.console_result("handle walk all --json", timeout=900)
-        elapsed = time.monotonic() - started
-        records = json.loads(result.console)
+        with tempfile.TemporaryDirectory() as directory:     # JSON to a file: the summary stays beside it
+            output = Path(directory) / "walk.json"
+            result = big.gdb.console_result(f"handle walk all --json --output {output}", timeout=900)
+            elapsed = time.monotonic() - started
+            records = json.loads(output.read_text())
         assert len(records) == len(truth["handles"])
         assert sorted(records, key=key) == sorted(truth["handles"], key=key)
         summary = result.log.strip().splitlines()[-1]

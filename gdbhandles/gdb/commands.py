@@ -108,13 +108,29 @@ def width() -> int | None:
     return columns if isinstance(columns, int) and 0 < columns < 100000 else None
 
 
-def warn(warning) -> None:
-    gdb.write(render.warning_line(warning) + "\n", gdb.STDERR)
+def _gdb_stderr(text: str) -> None:
+    gdb.write(text, gdb.STDERR)
 
 
-def frame() -> Frame:
-    stream = (lambda text: gdb.write(text, gdb.STDERR)) if settings.value("progress") else None
-    return Frame(render.Progress(stream), warn, width(), paint)
+def _terminal(text: str) -> None:
+    os.write(2, text.encode("utf-8", "replace"))
+
+
+def side_streams(args: argparse.Namespace) -> tuple[Callable | None, Callable]:
+    """(where progress and the summary go, where warnings go). gdb's `pipe` (and to_string)
+    redirect gdb's error stream together with its output, so while JSON is the output, the
+    side lines go straight to the terminal (fd 2) or, progress and summary, nowhere; warnings
+    then stay on gdb's error stream (MI's log, apart from the JSON)."""
+    if getattr(args, "json", False) and not getattr(args, "output", None):
+        on_terminal = os.isatty(2)
+        return (_terminal if on_terminal else None), (_terminal if on_terminal else _gdb_stderr)
+    return _gdb_stderr, _gdb_stderr
+
+
+def frame(args: argparse.Namespace) -> Frame:
+    side, warnings = side_streams(args)
+    progress = render.Progress(side if settings.value("progress") else None)
+    return Frame(progress, lambda warning: warnings(render.warning_line(warning) + "\n"), width(), paint)
 
 
 def error_text(exc: HandleError) -> str:
@@ -129,10 +145,11 @@ def run(command: Command, args: argparse.Namespace) -> None:
         BODIES[command.name](args)
         return
     with session.open() as windows:
-        output = command.query(windows, args, frame())
+        output = command.query(windows, args, frame(args))
     if command.name == "info" and not args.json:
         output.text += "\n" + session.memory_text()
-    commandspec.deliver(output, args, gdb.write, lambda text: gdb.write(text, gdb.STDERR))
+    side, _ = side_streams(args)
+    commandspec.deliver(output, args, gdb.write, side or (lambda text: None))
 
 
 class _GdbSubcommand(gdb.Command):

@@ -37,6 +37,8 @@ class Session:
         self.windows: Windows | None = None
         self.isf: str | None = None
         self.layout = "auto"        # `set handle layout`
+        self.dtb: int | None = None             # set handle dtb / kernel-base: given, not discovered
+        self.kernel_base: int | None = None
         self.fresh = False          # True while nothing ran since self.windows was opened
         self.opens = 0              # how often discovery ran from scratch (handle info shows it)
         self.source = None          # how the last engine read memory (handle info shows it)
@@ -62,9 +64,11 @@ class Session:
         self.fast, self.fast_ram, self.fast_reason, self._fast_tried = {}, None, "", {}
 
     def _check_profile(self) -> None:
-        isf, layout = settings.value("profile") or None, settings.value("layout")
-        if (isf, layout) != (self.isf, self.layout):
-            self.isf, self.layout = isf, layout
+        """A changed profile, layout choice, DTB or kernel base (`set handle …`): discovery afresh."""
+        given = (settings.value("profile") or None, settings.value("layout"), settings.address("dtb"),
+                 settings.address("kernel-base"))
+        if given != (self.isf, self.layout, self.dtb, self.kernel_base):
+            self.isf, self.layout, self.dtb, self.kernel_base = given
             self._target_gone()
 
     def memory_text(self) -> str:
@@ -186,4 +190,5 @@ class Session:
                 windows.kernel.base_source = f"{facts.kernel_base_source}; revalidated after the guest ran"
                 return windows
         self.opens += 1
-        return Windows.open(phys, registers=registers, isf=self.isf, layout=self.layout)
+        return Windows.open(phys, registers=registers, dtb=self.dtb, kernel_base=self.kernel_base, isf=self.isf,
+                            layout=self.layout)

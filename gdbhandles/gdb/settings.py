@@ -6,13 +6,17 @@ Other modules read a setting with `value(name)`; nothing here calls back into th
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import gdb
 
+from gdbhandles import commandspec
+from gdbhandles.errors import HandleError
 from gdbhandles.gdb.prefix import NAME as PREFIX
+from gdbhandles.windows import layouts
 
-__all__ = ["register", "value"]
+__all__ = ["address", "register", "value"]
 
 
 class _SettingsPrefix(gdb.Command):
@@ -45,6 +49,12 @@ gdbhandles does not ship. Empty: use the shipped profiles."""
         if self.value and not os.path.isfile(self.value):
             missing, self.value = self.value, self.accepted
             raise gdb.GdbError(f"no such file: {missing}")
+        if self.value:
+            try:
+                layouts.read_isf(self.value)        # a file that is no ISF is refused now, not at the next walk
+            except HandleError as exc:
+                self.value = self.accepted
+                raise gdb.GdbError(str(exc)) from None
         self.accepted = self.value
         return f"gdbhandles will use {self.value}" if self.value else "gdbhandles will use its shipped profiles"
 
@@ -70,6 +80,57 @@ and live data, shipped layouts ignored)."""
 
     def get_show_string(self, svalue):
         return f"Layout: {svalue}"
+
+
+class AddressParameter(gdb.Parameter):
+    """An address that replaces one discovery step (subclasses name it); empty: discover it."""
+
+    name = ""
+    what = ""
+
+    def __init__(self):
+        super().__init__(f"{PREFIX} {self.name}", gdb.COMMAND_DATA, gdb.PARAM_STRING)
+        self.value = ""
+        self.accepted = ""
+
+    def get_set_string(self):
+        text = (self.value or "").strip()
+        if text:
+            try:
+                address = commandspec.number(text)
+            except argparse.ArgumentTypeError as exc:
+                self.value = self.accepted
+                raise gdb.GdbError(f"{PREFIX} {self.name}: {exc}") from None
+            if address & 0xFFF:
+                self.value = self.accepted
+                raise gdb.GdbError(f"{PREFIX} {self.name}: {address:#x} is not page-aligned (it must end in 000)")
+        self.value = self.accepted = text
+        return f"{self.what}: {text}" if text else f"{self.what}: discovered"
+
+    def get_show_string(self, svalue):
+        return f"{self.what}: {svalue or '(discovered)'}"
+
+
+class DtbParameter(AddressParameter):
+    """The kernel's DTB (physical address of its PML4), when discovery cannot find it. Empty: discover."""
+
+    set_doc = "Set the kernel DTB gdbhandles uses instead of discovering it."
+    show_doc = "Show the kernel DTB given to gdbhandles."
+    name, what = "dtb", "Kernel DTB"
+
+
+class KernelBaseParameter(AddressParameter):
+    """The ntoskrnl base address, when discovery cannot find it. Empty: discover."""
+
+    set_doc = "Set the kernel base gdbhandles uses instead of discovering it."
+    show_doc = "Show the kernel base given to gdbhandles."
+    name, what = "kernel-base", "Kernel base"
+
+
+def address(name: str) -> int | None:
+    """`set handle dtb`/`kernel-base` as a number, None when discovery should find it."""
+    text = value(name)
+    return commandspec.number(text) if text else None
 
 
 class QmpParameter(gdb.Parameter):
@@ -147,8 +208,9 @@ the gdbstub first: auto (when available, else the stub), on (fail if unavailable
         return f"Reading guest RAM from the local QEMU process: {svalue} (handle info says whether it is used)"
 
 
-SETTINGS = {"profile": ProfileParameter, "layout": LayoutParameter, "qmp": QmpParameter,
-            "progress": ProgressParameter, "auto-pause": AutoPauseParameter, "fast-path": FastPathParameter}
+SETTINGS = {"profile": ProfileParameter, "layout": LayoutParameter, "dtb": DtbParameter,
+            "kernel-base": KernelBaseParameter, "qmp": QmpParameter, "progress": ProgressParameter,
+            "auto-pause": AutoPauseParameter, "fast-path": FastPathParameter}
 _parameters: dict[str, gdb.Parameter] = {}
 
 

@@ -52,7 +52,7 @@ def _from_symbols(kernel: Kernel, symbols: layouts.Layout) -> None:
         if rva is not None:
             _set(kernel, name, kernel.base + rva, how)
     if "ObHeaderCookie" not in kernel.globals and name_known(symbols, "ObHeaderCookie"):
-        _set(kernel, "ObHeaderCookie", None, f"absent from this build ({how})")
+        _set(kernel, "ObHeaderCookie", None, "none in this build (its symbols list it as absent)")
 
 
 def _set(kernel: Kernel, name: str, address: int | None, how: str) -> None:

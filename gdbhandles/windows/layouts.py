@@ -161,8 +161,10 @@ def for_guid(guid: str, age: int) -> ProfileLayout | None:
     if row is None:
         return None
     profile = _profile_by_id(row["same_layout_profile"])
-    return ProfileLayout(profile, f"shipped profile {profile['version']} (same layout as "
-                                  f"{row['version']}, exact PDB GUID)", dict(row["symbols"]))
+    source = "shipped profile of this very kernel (matched by its PDB GUID)" \
+        if profile["version"] == row["version"] else \
+        f"shipped profile {profile['version']} (the same structures; matched by the kernel's PDB GUID)"
+    return ProfileLayout(profile, source, dict(row["symbols"]))
 
 
 def for_build(build: int, revision: int | None = None) -> ProfileLayout | None:
@@ -174,8 +176,8 @@ def for_build(build: int, revision: int | None = None) -> ProfileLayout | None:
         chosen = max(same, key=lambda p: _revision(p["version"]))
     else:
         chosen = min(same, key=lambda p: abs(_revision(p["version"]) - revision))
-    return ProfileLayout(chosen, f"shipped profile {chosen['version']} (same build {build}, "
-                                 f"PDB GUID unknown)", None)
+    return ProfileLayout(chosen, f"shipped profile {chosen['version']} (same build {build}, nearest "
+                                 f"revision; PDB GUID unknown)", None)
 
 
 MAX_ISF = 256 << 20         # bytes of JSON: real ISFs hold some 10-60 MiB
