@@ -85,12 +85,16 @@ def test_integer_arguments_accept_decimal_hex_and_expressions(loaded):
     assert proc("lsass.exe") == "'lsass.exe'\n" and proc("612") == "612\n" and proc("0x264") == "612\n"
 
 
-def test_settings(loaded):
+def test_settings(loaded, built_guest):
     assert "(none: shipped profiles)" in loaded.console("show handle profile")
     assert one_line_error(loaded, "set handle profile /no/such/isf.json") == "no such file: /no/such/isf.json"
     assert "(none: shipped profiles)" in loaded.console("show handle profile")
     profile = Path(loaded.console("python print(__import__('gdbhandles').__file__)").strip()).parent
-    isf = profile / "data" / "windows-x64-offsets.json"
+    not_isf = profile / "data" / "windows-x64-offsets.json"
+    assert one_line_error(loaded, f"set handle profile {not_isf}") == f"{not_isf} is not a volatility3 ISF (no user_types)"
+    assert one_line_error(loaded, "set handle profile /etc/passwd").startswith("cannot read ISF profile /etc/passwd")
+    assert "(none: shipped profiles)" in loaded.console("show handle profile")
+    isf = built_guest("19041") / "symbols.json"
     loaded.console(f"set handle profile {isf}")
     assert str(isf) in loaded.console("show handle profile")
     loaded.console("set handle profile")
