@@ -59,7 +59,7 @@ def test_errors_give_advice_that_works_on_the_shell(guest, tmp_path, built_guest
     assert error("ps", "--dump", dump, "--profile", "/etc/passwd").startswith("cannot read ISF profile /etc/passwd")
     other = built_guest("22000") / "symbols.json"
     assert "is the ISF of ntkrnlmp.pdb" in error("ps", "--dump", dump, "--profile", other)
-    assert error("ps", "--dump", tmp_path / "missing.raw").startswith("cannot open dump")
+    assert error("ps", "--dump", tmp_path / "missing.raw").startswith("cannot read dump")
 
 
 def test_json_only_on_stdout_and_output_files(guest, tmp_path):
