@@ -12,9 +12,12 @@ import sys
 
 import pytest
 
+from boot import booted                       # vm-images/, put on sys.path by conftest.py
 from gdbhandles import commandspec
+from gdbhandles.automation.mi import Gdb
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
-from test_gdb_live import by_pid, key, live_guest
+from test_gdb_live import GDBINIT, by_pid, key, live_guest
+from winguest.cache import guest as cached_guest
 
 pytestmark = pytest.mark.integration
 
@@ -204,20 +207,18 @@ def _patches(directory) -> dict[int, bytes]:
             space.translate((victim["table_code"] & ~3) + 8): struct.pack("<Q", 0xFFFF8F0000000000)}
 
 
-def test_guest_strings_cannot_drive_the_terminal(booted_guest, tmp_path):
+def test_guest_strings_cannot_drive_the_terminal(tmp_path):
     """Names with ESC ] 0 ; title BEL, CR/LF and U+202E, a process name with C0/C1 controls, and a
     torn table: both front ends show escapes, never the characters, and one warning format."""
-    from gdbhandles.automation.mi import Gdb
-    from test_gdb_live import GDBINIT
-    vm = booted_guest("19041", "default")
-    patches = _patches(vm.dir)
+    directory = cached_guest("19041", "default")
+    patches = _patches(directory)
     dump = tmp_path / "evil.raw"
-    with open(vm.dir / "memory.raw", "rb") as src, open(dump, "wb") as dst:
+    with open(directory / "memory.raw", "rb") as src, open(dump, "wb") as dst:
         dst.write(src.read())
         for address, data in patches.items():
             dst.seek(address)
             dst.write(data)
-    with Gdb(timeout=120) as gdb:
+    with booted(directory) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
         gdb.connect("127.0.0.1", vm.port)
         gdb.console("maintenance packet Qqemu.PhyMemMode:1")
