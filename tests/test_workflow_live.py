@@ -213,6 +213,19 @@ def state(live, done: int) -> list[dict]:
     return sorted(handles.values(), key=key)
 
 
+def free_lists(live, done: int) -> dict[int, list[int]]:
+    """Each process's free list (handle values, head first) after the first `done` operations:
+    an open takes the head, a close puts its slot back at the head."""
+    lists = {p["pid"]: list(p["free_list"]) for p in live.truth["processes"]}
+    for op in live.truth["leak"]["operations"][:done]:
+        if op["op"] == "open":
+            pid, handle = op["record"]["pid"], op["record"]["handle"]
+            assert lists[pid].pop(0) == handle
+        else:
+            lists[op["pid"]].insert(0, op["handle"])
+    return lists
+
+
 def run_to_step(live, times: int) -> None:
     """Continue to the leak routine's step breakpoint `times` times (one operation each)."""
     for _ in range(times):
@@ -249,6 +262,12 @@ def test_mark_continue_diff_against_the_guest_counters(leak, tmp_path):
         assert lines[0].startswith("since mark before (")
         assert lines[1:] == diff.report(expected, by_process=True).splitlines()
         assert all(line[0] in "+-~" for line in lines[1:-1])
+        expected_free = free_lists(leak, done_after)
+        for pid in {r["pid"] for r in expected.added + expected.removed}:
+            entries = leak.json(f"handle walk {pid} --free --json")
+            listed = sorted((e for e in entries if e["free_position"] is not None), key=lambda e: e["free_position"])
+            assert [e["handle"] for e in listed] == expected_free[pid], pid
+            assert {e["handle"] for e in entries} == set(expected_free[pid]), pid
     finally:
         leak.gdb.console("delete")
 

@@ -379,12 +379,14 @@ CHURN = """
     jnz .hold
     ret"""
 
-# The leak routine (scenario `leak`): applies a list of 32-byte operations to live handle
-# table entries, one per step: +00 entry VA, +08 new low qword (0: a close), +10 new high
-# qword, +18 added to the leaked-handle counter. An open writes the high qword first and a
-# close the low one first, so the object pointer decides. After each operation it bumps the
-# operations-done counter and calls KiGuestLeakStep (a delay; a breakpoint there sees a
-# whole number of operations). Parameter block KiGuestLeakParameters, filled by the builder:
+# The leak routine (scenario `leak`): applies a list of 48-byte operations to live handle
+# tables, one per step: +00 entry VA, +08 new low qword (0: a close), +10 new high qword,
+# +18 added to the leaked-handle counter, +20 VA of the table's free-list head, +28 its new
+# qword (an open pops the entry off the free list, a close pushes it back). An open writes the
+# high qword first and a close the low one first, so the object pointer decides; the head
+# follows. After each operation it bumps the operations-done counter and calls
+# KiGuestLeakStep (a delay; a breakpoint there sees a whole number of operations).
+# Parameter block KiGuestLeakParameters, filled by the builder:
 #   +00 operations VA  +08 operation count  +10 operations-done counter VA
 #   +18 leaked-handle counter VA  +20 delay loop count
 LEAK = """
@@ -394,7 +396,7 @@ LEAK = """
     mov rcx, [rdx]
     cmp rcx, [rbx + 8]
     jae .idle
-    shl rcx, 5
+    imul rcx, rcx, 48
     add rcx, [rbx]
     mov rdi, [rcx]
     mov rax, [rcx + 8]
@@ -408,6 +410,9 @@ LEAK = """
     mov [rdi], rax
     mov [rdi + 8], rsi
 .count:
+    mov rax, [rcx + 28h]
+    mov rsi, [rcx + 20h]
+    mov [rsi], rax
     mov rax, [rcx + 18h]
     mov rsi, [rbx + 18h]
     add [rsi], rax
