@@ -21,6 +21,7 @@ MASK64 = (1 << 64) - 1
 CURRENT_PROCESS, CURRENT_THREAD = MASK64, MASK64 - 1
 KERNEL_HANDLE_BIT = 0x80000000
 SYSTEM_PID = 4
+UNTYPED_MIN, UNTYPED_SHARE = 8, 20      # warn from 8 untyped objects and more than 1 in 20
 STATUS_TEXT = {
     "free": "is free (closed; its entry holds no object)",
     "never_allocated": "was never allocated",
@@ -110,7 +111,7 @@ class Windows:
         wanted_type = self._type_name(type).lower() if type else None
         wanted_name = name.lower() if name else None
         wanted_header = None if object is None else object - self.objects.body_offset
-        total = 0
+        total, decoded, untyped = 0, 0, 0
         for number, process in enumerate(chosen, 1):
             if progress:
                 progress(f"process {number}/{len(chosen)}: {process.name}({process.pid}), {total} handles so far")
@@ -135,12 +136,26 @@ class Windows:
                     record = self._record(process, item, report)
                     if record is None:
                         continue
+                    decoded, untyped = decoded + 1, untyped + (record.type is None)
                     if wanted_type and (record.type or "").lower() != wanted_type:
                         continue
                     if wanted_name and wanted_name not in (record.name or "").lower():
                         continue
                     total += 1
                     yield record
+        self._untyped_share(decoded, untyped, report)
+
+    def _untyped_share(self, decoded: int, untyped: int, report) -> None:
+        """One line when more than a small share of the walk's objects have no known type: then the
+        header cookie, the type table or the layout does not fit this kernel, and no row is to be trusted."""
+        if untyped < UNTYPED_MIN or untyped * UNTYPED_SHARE <= decoded:
+            return
+        failed = [c.name for c in self.kernel.checks if not c.passed]
+        why = f"failed checks: {'; '.join(failed)}" if failed else "all discovery checks passed"
+        report(WalkWarning(0, "walk", f"{untyped} of {decoded} handles decode to no known object type: the header "
+                                      f"cookie or the structure layout does not fit this kernel ({why}); supply "
+                                      "this kernel's volatility3 ISF as the profile (set handle profile FILE, "
+                                      "CLI: --profile FILE)"))
 
     def type_names(self) -> list[str]:
         """The object type names of this kernel, in ObTypeIndexTable order (index 2 on; the table
@@ -167,8 +182,10 @@ class Windows:
             report(WalkWarning(process.pid, process.name, f"object header {entry.header:#x}: {exc}",
                                entry.handle))
             return None
+        problems = [] if found.type is not None else [f"type: TypeIndex of header {entry.header:#x} names no "
+                                                      "object type of this kernel"]
         return HandleRecord(process.pid, process.name, entry.handle, found.body, found.type, found.name,
-                            entry.granted_access, entry.attributes)
+                            entry.granted_access, entry.attributes, problems)
 
     # --- lookup ----------------------------------------------------------------------------
 

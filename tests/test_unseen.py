@@ -13,11 +13,12 @@ import random
 
 import pytest
 
+from gdbhandles import render
 from gdbhandles.engine import Windows
 from gdbhandles.windows import disasm, layouts
-from gdbhandles.windows.memory import DumpFile
+from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
-from test_engine_guests import check_handles, check_lookups, check_processes
+from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy
 from winguest.kernel_image import build_kernel_image
 from winguest.profiles import Layout, all_profiles
 
@@ -100,3 +101,71 @@ def test_varied_code_guests_equal_truth(guest, profile, layout):
     check_processes(windows, truth)
     check_handles(windows, truth)
     assert all(passed for _, passed, _ in info.checks), info.checks
+
+
+def test_future_build_is_read_by_inference_alone(guest):
+    directory, truth = guest("future")
+    assert truth["profile"]["build"] > max(p["build"] for p in layouts.shipped_profiles())
+    assert layouts.for_guid(truth["profile"]["guid"], truth["profile"]["age"]) is None
+    assert truth["code_forms"]                                  # its exports in varied encodings
+    windows = Windows.open(DumpFile(directory / "memory.raw"))  # auto: nothing shipped fits, so inferred
+    info = windows.info()
+    assert info.profile.startswith("inferred") and "22631" in info.profile
+    assert set(INFERRED) <= set(info.inferred)
+    assert all("code:" in info.inferred[f] and "live:" in info.inferred[f]
+               for f in ("_EPROCESS.UniqueProcessId", "_EPROCESS.ImageFileName", "_EPROCESS.ObjectTable",
+                         "_ETHREAD.Cid"))
+    check_processes(windows, truth)
+    check_handles(windows, truth)
+    check_lookups(windows, truth)
+    assert all(passed for _, passed, _ in info.checks) and len(info.checks) >= 13, info.checks
+    text = render.info_text(info)
+    assert f"checks       {len(info.checks)} of {len(info.checks)} passed" in text
+    assert "_CM_KEY_CONTROL_BLOCK.ParentKcb" in text and "\\REGISTRY" in text
+
+
+def instruction_reading_the_cookie(windows):
+    kernel = windows.kernel
+    found = disasm.traces(kernel.space.read, kernel.base + kernel.image.exports["ObGetObjectType"])
+    access = next(a for t in found for a in t.accesses if a.size == 1 and a.constant is not None)
+    size = next(len(i.bytes) for i in disasm._engine.disasm(kernel.space.read(access.at, 16), access.at))
+    return access.at, size
+
+
+def test_cookie_found_by_trial_when_the_code_reads_none(guest, tmp_path):
+    directory, truth = guest("19041", guid="random", code_variants="random")
+    dump = directory / "memory.raw"
+    at, size = instruction_reading_the_cookie(Windows.open(DumpFile(dump)))
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    copy = patched_copy(dump, tmp_path / "nocookie.raw", {space.translate(at): b"\x90" * size})
+    windows = Windows.open(DumpFile(copy))
+    info = windows.info()
+    assert info.header_cookie == truth["header_cookie"]
+    assert info.globals["ObHeaderCookie"] is None and "trying all 256" in info.sources["ObHeaderCookie"]
+    check_handles(windows, truth)
+
+
+def test_a_wrong_cookie_fails_its_check_and_the_walk_says_so_once(guest, tmp_path):
+    directory, truth = guest("19041")                           # real GUID: the cookie's address is shipped
+    dump = directory / "memory.raw"
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    wrong = (truth["header_cookie"] ^ 0x5A).to_bytes(1, "little")
+    copy = patched_copy(dump, tmp_path / "badcookie.raw", {space.translate(truth["globals"]["ObHeaderCookie"]): wrong})
+    windows = Windows.open(DumpFile(copy))
+    failed = [name for name, passed, _ in windows.info().checks if not passed]
+    assert any("cookie" in name for name in failed) and any("Type" in name for name in failed)
+    records = [r.to_json() for r in windows.walk()]
+    untyped = [r for r in records if r["type"] is None]
+    assert len(untyped) > len(records) // 2 and all(r["problems"] for r in untyped)
+    [warning] = [w for w in windows.warnings if "no known object type" in w.message]
+    assert "set handle profile" in warning.message and "cookie" in warning.message
+
+
+def test_cli_layout_infer(guest):
+    directory, truth = guest("9600")
+    result = cli("walk", "--dump", str(directory / "memory.raw"), "--layout", "infer", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == truth["handles"]
+    result = cli("info", "--dump", str(directory / "memory.raw"), "--layout", "infer")
+    assert "inferred offsets" in result.stdout and "_EPROCESS.ObjectTable" in result.stdout
+    assert "checks       " in result.stdout and "FAILED" not in result.stdout

@@ -27,6 +27,6 @@ def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int
     kernel_globals.resolve(kernel, symbols)
     if inferred is not None:
         infer_threads.check_threads(kernel, inferred)
-        inferred.lazy["_CM_KEY_CONTROL_BLOCK"] = lambda: infer_threads.infer_kcb(kernel, inferred)
+        infer_threads.infer_kcb(kernel, inferred)
     validate.run(kernel)
     return kernel

@@ -19,7 +19,7 @@ from gdbhandles.windows.layouts import Field
 
 INFERRED = {"_EPROCESS": ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName",
                           "Pcb.DirectoryTableBase"),
-            "_ETHREAD": ("Cid",), "_KTHREAD": ("ApcState.Process",), "_KPCR": ("Prcb.CurrentThread",),
+            "_ETHREAD": ("Cid",), "_KTHREAD": ("ApcState.Process", "Process"), "_KPCR": ("Prcb.CurrentThread",),
             "_CM_KEY_CONTROL_BLOCK": ("NameBlock", "ParentKcb")}
 EPROCESS_SCAN = 0x1000          # bytes of System's EPROCESS searched for invariants
 DIRECTORY_TABLE_BASE = 0x28     # _KPROCESS.DirectoryTableBase on every x64 build
@@ -36,15 +36,12 @@ class InferredLayout(layouts.Layout):
         self.base = base
         self.fields: dict[tuple[str, str], Field] = {}
         self.how: dict[str, str] = {}           # "struct.field" -> how it was found
-        self.lazy: dict[str, object] = {}       # struct -> function inferring its fields on first use
 
     def put(self, struct: str, path: str, offset: int, size: int, how: str) -> None:
         self.fields[(struct, path)] = Field(offset, size)
         self.how[f"{struct}.{path}"] = how
 
     def _own(self, struct, path):
-        if struct in self.lazy:
-            self.lazy.pop(struct)()
         if struct in INFERRED:
             return self.fields.get((struct, path))
         return self.base.find(struct, path)

@@ -30,6 +30,9 @@ def infer_thread_code(kernel: Kernel, layout: InferredLayout) -> None:
         cid = (tid[0] - 8, tid[1] + " (UniqueThread, Cid + 8)")
     if cid is not None:
         layout.put("_ETHREAD", "Cid", cid[0], 16, cid[1])
+    owner = _accessor(kernel, "PsGetThreadProcess")
+    if owner is not None:
+        layout.put("_KTHREAD", "Process", owner[0], 8, owner[1])
     for function, found in _exported_code(kernel, "PsGetCurrentProcess", "IoGetCurrentProcess"):
         reads = disasm.loads_through(found[:1], "gs")
         if reads:
@@ -87,14 +90,16 @@ def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
     code = (code.offset, layout.how["_ETHREAD.Cid"]) if code else None
     cid, how = _agree(kernel, "_ETHREAD.Cid", code, _live_cid(kernel, processes, threads))
     layout.put("_ETHREAD", "Cid", cid, 16, how)
-    owners = _live_apc_process(kernel, processes, threads, cid)
-    known = layout.fields.get(("_KTHREAD", "ApcState.Process"))
-    if known is None and owners:
-        layout.put("_KTHREAD", "ApcState.Process", min(owners), 8,
-                   "live: the first slot where every sampled thread holds its own EPROCESS")
-    elif known is not None:
-        kernel.checks.append(Check("_KTHREAD.ApcState.Process holds each thread's own EPROCESS",
-                                   known.offset in owners, f"{len(threads)} threads of PspCidTable"))
+    owners = sorted(_live_apc_process(kernel, processes, threads, cid))
+    # ApcState.Process (attached-to) comes before KTHREAD.Process (owner); unattached, both hold the owner
+    for rank, name in enumerate(("ApcState.Process", "Process")):
+        known = layout.fields.get(("_KTHREAD", name))
+        if known is None and len(owners) > rank:
+            layout.put("_KTHREAD", name, owners[rank], 8,
+                       f"live: slot {rank + 1} where every sampled thread holds its own EPROCESS")
+        elif known is not None:
+            kernel.checks.append(Check(f"_KTHREAD.{name} holds each thread's own EPROCESS",
+                                       known.offset in owners, f"{len(threads)} threads of PspCidTable"))
 
 
 def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
@@ -164,7 +169,10 @@ def infer_kcb(kernel: Kernel, layout: InferredLayout) -> None:
     """NameBlock and ParentKcb: the one pair under which every sampled key's chain of control
     blocks is named all the way up to a root named REGISTRY."""
     kcb_field = kernel.layout.offset("_CM_KEY_BODY", "KeyControlBlock")
-    kcbs = [kernel.space.u64(body + kcb_field) for body in _key_bodies(kernel)]
+    try:
+        kcbs = [kernel.space.u64(body + kcb_field) for body in _key_bodies(kernel)]
+    except HandleError:
+        kcbs = []
     cache, found = _Kcbs(kernel), []
     for parent in range(0, KCB_SCAN, 8):
         for name in range(0, KCB_SCAN, 8):
@@ -174,6 +182,10 @@ def infer_kcb(kernel: Kernel, layout: InferredLayout) -> None:
     how = f"live: the only offsets under which {len(kcbs)} keys' control blocks chain up to \\REGISTRY"
     kernel.checks.append(Check("key control blocks: one ParentKcb/NameBlock pair chains every key to REGISTRY",
                                len(found) == 1, f"{len(kcbs)} keys, {len(found)} pairs"))
-    if len(found) == 1:
-        layout.put("_CM_KEY_CONTROL_BLOCK", "ParentKcb", found[0][0], 8, how)
-        layout.put("_CM_KEY_CONTROL_BLOCK", "NameBlock", found[0][1], 8, how)
+    if len(found) != 1:                 # said in handle info: key names may be wrong
+        base = layout.base
+        found = [(base.offset("_CM_KEY_CONTROL_BLOCK", "ParentKcb"), base.offset("_CM_KEY_CONTROL_BLOCK", "NameBlock"))]
+        how = (f"NOT inferred ({len(kcbs)} keys, no single pair fits): taken from shipped profile {base.version}; "
+               "key names may be wrong")
+    layout.put("_CM_KEY_CONTROL_BLOCK", "ParentKcb", found[0][0], 8, how)
+    layout.put("_CM_KEY_CONTROL_BLOCK", "NameBlock", found[0][1], 8, how)

@@ -158,4 +158,5 @@ def accessors(rng: random.Random | None) -> dict[str, str]:
         "PsGetProcessImageFileName": accessor(rng, "_EPROCESS.ImageFileName", lea=True),
         "PsGetThreadId": accessor(rng, "_ETHREAD.Cid+8"),
         "PsGetThreadProcessId": accessor(rng, "_ETHREAD.Cid"),
+        "PsGetThreadProcess": accessor(rng, "_KTHREAD.Process"),
     }

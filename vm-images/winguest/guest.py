@@ -85,7 +85,7 @@ class GuestBuilder:
         self.file_key, self.profile = find_profile(spec)
         self.L = Layout(self.profile)
         self.scenario, self.seed = scenario, seed
-        self.code_variants = code_variants == "random"
+        self.code_variants = code_variants == "random" or self.file_key == "future"   # always varied
         tail = "|variants" if self.code_variants else ""
         self.rng = random.Random(f"{self.profile['version']}|{scenario}|{seed}|{guid}{tail}")
         real_guid = self.profile["pdb"]["guid"]

@@ -436,7 +436,7 @@ IDT_STUB = """
     jmp near {KiCommonTrap}"""
 
 CODE_EXPORTS = ("PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId", "PsGetProcessImageFileName",
-                "PsGetThreadId", "PsGetThreadProcessId", "ObReferenceObjectByHandle",
+                "PsGetThreadId", "PsGetThreadProcessId", "PsGetThreadProcess", "ObReferenceObjectByHandle",
                 "ObReferenceObjectByHandleWithTag", "ObQueryNameString", "PsGetCurrentProcess",
                 "IoGetCurrentProcess", "KeGetCurrentThread", "PsGetCurrentProcessId", "ExAllocatePoolWithTag",
                 "KeBugCheckEx")

@@ -1,6 +1,7 @@
 """The shipped layout profiles (read as data; the engine package is never imported)."""
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -21,9 +22,37 @@ def all_profiles() -> list[tuple[str, dict]]:
     return out
 
 
+FUTURE = "future"
+FUTURE_BUILD = 27000                    # above every shipped build
+# (struct, first offset that moves, bytes it moves by): the structures grow in the middle
+FUTURE_SHIFTS = (("_KPROCESS", 0x300, 0x80), ("_EPROCESS", 0x300, 0x80), ("_KTHREAD", 0x400, 0x40),
+                 ("_ETHREAD", 0x400, 0x40), ("_CM_KEY_CONTROL_BLOCK", 0x48, 0x10))
+
+
+@cache
+def future_profile() -> dict:
+    """The test bed's `future` build, a kernel no shipped layout describes: the newest shipped
+    layout with the EPROCESS, ETHREAD and key-control-block fields moved and those structures
+    (and KPROCESS/KTHREAD inside them) grown; no symbols, no PDB GUID (the builder draws one)."""
+    _, newest = max(all_profiles(), key=lambda kp: (kp[1]["build"], kp[1]["version"]))
+    profile = copy.deepcopy(newest)
+    profile.update(build=FUTURE_BUILD, version=f"10.0.{FUTURE_BUILD}.1000", layout_id=FUTURE, symbols=None,
+                   os_label="test bed: a future Windows build", pdb=dict(newest["pdb"], guid=None, age=None,
+                                                                           guid_age=None))
+    for name, start, step in FUTURE_SHIFTS:
+        struct = profile["structs"][name]
+        struct["size"] += step
+        for field in struct["fields"].values():
+            if field and field["offset"] >= start:
+                field["offset"] += step
+    return profile
+
+
 def find_profile(spec: str | int) -> tuple[str, dict]:
-    """A build number (first match), a full version, or a PDB guid_age."""
+    """A build number (first match), a full version, a PDB guid_age, or `future`."""
     spec = str(spec)
+    if spec == FUTURE:
+        return FUTURE, future_profile()
     for key, p in all_profiles():
         if spec in (str(p["build"]), p["version"], p["pdb"]["guid_age"] or ""):
             return key, p
