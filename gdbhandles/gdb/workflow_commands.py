@@ -20,7 +20,7 @@ import gdb
 from gdbhandles import commandspec, diff, render_queries
 from gdbhandles.commandspec import Output
 from gdbhandles.errors import HandleError
-from gdbhandles.gdb.commands import body, emit, frame, session
+from gdbhandles.gdb.commands import body, emit, frame, session, side_streams
 
 __all__ = ["MARKS", "Mark"]
 
@@ -49,7 +49,7 @@ def _stop_text() -> str:
 
 @body("mark")
 def mark(args: argparse.Namespace) -> None:
-    shown = frame()
+    shown = frame(args)
     with session.open() as windows:
         if args.targets:
             pids = sorted({p.pid for t in args.targets for p in windows._select(t)})
@@ -102,7 +102,7 @@ def _chosen(args: argparse.Namespace) -> Mark:
 @body("diff")
 def diff_command(args: argparse.Namespace) -> None:
     taken = _chosen(args)
-    shown = frame()
+    shown = frame(args)
     with session.open() as windows:
         now = [r.to_json() for r in windows.walk(None, progress=shown.progress, warn=shown.warn)]
     if taken.pids is not None:
@@ -110,5 +110,6 @@ def diff_command(args: argparse.Namespace) -> None:
         now = [r for r in now if r["pid"] in wanted]
     found = diff.compare(taken.records, now)
     text = render_queries.diff_text(found, f"since mark {taken.name} ({taken.taken})")
+    side, _ = side_streams(args)
     commandspec.deliver(Output(text, render_queries.diff_json(found)), args, gdb.write,
-                        lambda line: gdb.write(line, gdb.STDERR))
+                        side or (lambda line: None))
