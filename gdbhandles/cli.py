@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             _say("interrupted" if str(exc) == "SIGINT" else f"stopped by {exc}; what it started is stopped")
         except KeyboardInterrupt:
             _say("interrupted")
+        except BrokenPipeError:                 # `| head`: the reader took what it wanted; quiet, as
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # cat's SIGPIPE death
+            return 128 + signal.SIGPIPE
         except OSError as exc:
             _say(f"{exc.filename}: {exc.strerror or exc}" if exc.filename
                  else f"cannot write the output: {exc.strerror or exc}")

@@ -113,3 +113,57 @@ def test_attach_to_a_running_qemu(tmp_path):
         with Qmp(vm.qmp) as q:
             assert q.status() == "running"
             assert "later" in q.hmp("info snapshots")
+
+
+def shell(command: str) -> tuple[str, str, int]:
+    """A shell pipeline (`... | head -3`): its stdout, stderr and the first command's status."""
+    done = subprocess.run(["bash", "-c", command + '; echo "status ${PIPESTATUS[0]}"'], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    out, _, status = done.stdout.rpartition("status ")
+    return out, done.stderr, int(status)
+
+
+def test_run_text_commands_closed_pipe_and_a_snapshot_required(tmp_path):
+    base, truth = machine(0, tmp_path)
+    assert gdbhandles("snapshot", "--qemu", base, "--name", "base", "--wait", "1").returncode == 0
+    run = gdbhandles("run", "--qemu", base, "--snapshot", "base", "--", "vmstatus", "pause", "ps")
+    assert run.returncode == 0, run.stderr
+    status, paused, processes = json.loads(run.stdout)
+    assert status == "QEMU: prelaunch; gdb: stopped", status      # -S -loadvm: paused before it ran
+    assert paused.startswith("VM "), paused
+    assert [p["pid"] for p in processes] == [p["pid"] for p in truth["processes"]]
+    unknown = gdbhandles("run", "--qemu", base, "--snapshot", "base", "--", "frobnicate")
+    assert unknown.returncode == 2 and "frobnicate: not a handle command" in unknown.stderr
+
+    cli = shlex.join(CLI)
+    out, err, status = shell(f"{cli} run --qemu {shlex.quote(base)} --snapshot base -- 'walk all' | head -3")
+    assert (err, status) == ("", 141) and len(out.splitlines()) == 3
+
+    unbooted = gdbhandles("run", "--qemu", base, "--", "ps")
+    assert unbooted.returncode == 2 and "--qemu needs --snapshot NAME" in unbooted.stderr
+    assert len(unbooted.stderr.strip().splitlines()) == 1
+    noqmp = gdbhandles("run", "--qemu", base, "--snapshot", "base", "--qmp", str(tmp_path / "q.sock"), "--", "ps")
+    assert noqmp.returncode == 2 and "--qmp goes with --gdb" in noqmp.stderr
+
+
+def test_walk_into_a_closed_pipe_is_quiet(built_guest):
+    dump = built_guest("19041") / "memory.raw"
+    out, err, status = shell(f"{shlex.join(CLI)} walk --dump {dump} | head -5")
+    assert (err, status) == ("", 141) and len(out.splitlines()) == 5
+
+
+def test_attach_errors_are_one_line(tmp_path):
+    from boot import booted, free_port
+    refused = gdbhandles("run", "--gdb", f"127.0.0.1:{free_port()}", "--", "ps")
+    assert refused.returncode == 2 and "Connection refused" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    with booted(cached_guest("19041", "default", 0)) as vm:
+        missing = gdbhandles("run", "--gdb", f"127.0.0.1:{vm.port}", "--qmp", str(tmp_path / "nonexist.sock"),
+                             "--", "ps")
+        assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1
+        works = gdbhandles("run", "--gdb", f"127.0.0.1:{vm.port}", "--qmp", vm.qmp, "--", "vmstatus")
+        assert works.returncode == 0 and json.loads(works.stdout) == "QEMU: paused; gdb: stopped", works.stdout
+        from gdbhandles.automation.qmp import Qmp
+        with Qmp(vm.qmp) as q:                 # gdb detached: the VM runs on
+            assert q.status() == "running"

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdbhandles import commandspec
 from gdbhandles.errors import HandleError
 from gdbhandles.automation import private
 from gdbhandles.automation.mi import Gdb, MiError
@@ -133,6 +134,7 @@ def attached(host: str, port: int, qmp: str | None):
         raise RunError(exc.message) from None
     try:
         gdb.source(str(GDBINIT))
+        gdb.console("set tcp auto-retry off")     # a refused connection fails now, not after 15 s
         gdb.connect(host, port, timeout=START_TIMEOUT)
         if qmp:
             gdb.console(f"set handle qmp {qmp}")
@@ -156,23 +158,32 @@ def _detached_at_end(gdb: Gdb):
         gdb.close()
 
 
-def handle_command(text: str) -> str:
-    """`walk all` or `handle walk all` → `handle walk all --json`."""
+def handle_command(text: str) -> tuple[str, bool]:
+    """`walk all` or `handle walk all` → (`handle walk all --json`, True); `--json` is added only to
+    commands that take it (`vmstatus` → (`handle vmstatus`, False))."""
     words = text.split()
     if words and words[0] == "handle":
         words = words[1:]
     if not words:
         raise RunError("empty command")
-    return "handle " + " ".join(words) + ("" if "--json" in words else " --json")
+    command = commandspec.COMMANDS.get(words[0])
+    if command is None or "gdb" not in command.front_ends:
+        known = ", ".join(name for name, c in commandspec.COMMANDS.items() if "gdb" in c.front_ends)
+        raise RunError(f"{words[0]}: not a handle command (one of {known})")
+    if command.json and "--json" not in words:
+        words.append("--json")
+    return "handle " + " ".join(words), command.json
 
 
 def run_commands(gdb: Gdb, commands: list[str]) -> list:
+    """Each command's JSON, or the text it printed (a command without --json) as a JSON string."""
     out = []
     for text in commands:
+        line, as_json = handle_command(text)
         try:
-            out.append(gdb.json(handle_command(text)))
+            out.append(gdb.json(line) if as_json else gdb.console(line).rstrip("\n"))
         except MiError as exc:
-            raise RunError(f"{handle_command(text)}: {exc.message}") from None
+            raise RunError(f"{line}: {exc.message}") from None
     return out
 
 
@@ -192,12 +203,22 @@ def session(qemu_text: str | None, snapshot: str | None, gdb_at: str | None, qmp
         if qemu_text:
             raise RunError("give either --qemu or --gdb, not both")
         host, port = gdb_address(gdb_at)
+        if qmp:
+            with Qmp(qmp) as q:                   # a wrong socket is one line now, not a late surprise
+                q.status()
         with attached(host, port, qmp) as gdb:
             yield gdb
         return
+    if qmp:
+        raise RunError("--qmp goes with --gdb (with --qemu, gdbhandles makes its own QMP socket)")
     if not qemu_text:
         raise RunError("give --qemu \"<qemu arguments>\" (or --gdb HOST:PORT of a running QEMU)")
-    with qemu(qemu_arguments(qemu_text), snapshot, paused=True) as vm, \
+    machine = qemu_arguments(qemu_text)
+    if not snapshot:
+        raise RunError("--qemu needs --snapshot NAME: without one QEMU starts at the reset vector, before any "
+                       "Windows kernel runs (save one from the booted machine: gdbhandles snapshot --qemu ARGS "
+                       "--name NAME)")
+    with qemu(machine, snapshot, paused=True) as vm, \
             attached("127.0.0.1", vm.port, vm.qmp) as gdb:
         yield gdb
 
