@@ -35,6 +35,10 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     attached = space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process"))
     owner = space.u64(thread + layout.offset("_KTHREAD", "Process"))
     process = read_process(kernel, attached)
+    if all(p.eprocess != attached for p in windows._select(None)):
+        raise HandleError(f"the current process of vCPU {vcpu}, {process.name}({process.pid}) at {attached:#x}, is "
+                          "not on the active process list (the idle process, or one being created or torn "
+                          "down): give a pid")
     mode = "user mode, KPCR from KERNEL_GS_BASE" if registers.get("cs", 0) & 3 else "kernel mode, KPCR from GS base"
     # QEMU's gdbstub numbers vCPU n as thread n + 1; offline there is only the index
     name = f"vCPU {registers['thread'] - 1}" if "thread" in registers else f"vCPU {vcpu}"
