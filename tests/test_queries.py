@@ -11,7 +11,7 @@ import pytest
 
 from gdbhandles import diff, queries
 from gdbhandles.engine import Windows
-from gdbhandles.errors import BadHandle
+from gdbhandles.errors import BadHandle, HandleError
 from gdbhandles.windows.memory import DumpFile
 
 
@@ -34,6 +34,32 @@ def test_current_process_of_each_vcpu(built_guest, profile, scenario):
         process, note = queries.current_process(windows, index)
         assert process.pid == vcpu["pid"]
         assert f"({vcpu['pid']})" in note and ("KERNEL_GS_BASE" in note) == bool(vcpu["cpl"])
+
+
+class Patched:
+    """A dump with one qword changed (what a guest could hold; the dump file stays as it is)."""
+
+    def __init__(self, path, address: int, value: int):
+        self.inner, self.address, self.value = DumpFile(path), address, value.to_bytes(8, "little")
+
+    def read(self, paddr: int, size: int) -> bytes:
+        data = bytearray(self.inner.read(paddr, size))
+        for i, byte in enumerate(self.value):
+            if paddr <= self.address + i < paddr + size:
+                data[self.address + i - paddr] = byte
+        return bytes(data)
+
+
+def test_a_current_process_off_the_list_is_named_not_guessed(built_guest):
+    windows, truth = opened("19041", "default", built_guest)
+    layout, space = windows.kernel.layout, windows.kernel.space
+    vcpu = truth["vcpus"][0]
+    field = space.translate(vcpu["thread"] + layout.offset("_KTHREAD", "ApcState.Process"))
+    stray = truth["processes"][-1]["threads"][0]["ethread"]         # an object that is no process
+    directory = built_guest("19041", "default")
+    patched = Windows.open(Patched(directory / "memory.raw", field, stray), registers=registers(truth))
+    with pytest.raises(HandleError, match=rf"at {stray:#x}, is not on the active process list"):
+        queries.current_process(patched)
 
 
 @pytest.mark.parametrize("profile", ["7601", "9200", "19041", "22000"])
