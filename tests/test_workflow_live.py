@@ -122,6 +122,16 @@ def test_python_api(live):
     script = ("from gdbhandles import api; from gdbhandles.errors import BadHandle\n"
               f"try:\n api.lookup(0, pid={record['pid']})\nexcept BadHandle as exc:\n print('error:', exc)")
     assert "error: handle 0x0 of" in live.gdb.console(f"python exec({script!r})")
+    process = next(p for p in live.truth["processes"] if p["pid"] == record["pid"])
+    script = ("import json; from gdbhandles import api; print(json.dumps([api.find(object={o}), api.find(name={n!r}),"
+              " api.cid({pid}), len(api.cids()), api.diff([], [{r}])]))").format(
+        o=record["object"], n=(record["name"] or "")[-6:], pid=record["pid"], r=repr(record))
+    found, named, cid, cids, changed = json.loads(live.gdb.console(f"python {script}"))
+    assert record in found and all(r["object"] == record["object"] for r in found)
+    assert record in named
+    assert (cid["object"], cid["type"], cid["pid"]) == (process["eprocess"], "Process", process["pid"])
+    assert cids == len(live.truth["processes"]) + sum(len(p["threads"]) for p in live.truth["processes"])
+    assert changed == {"added": [record], "removed": [], "changed": []}
 
 
 # --- find, cid, free -----------------------------------------------------------------------
