@@ -254,6 +254,8 @@ def _walk(windows, args, frame: Frame) -> Output:
     if target is CURRENT:
         target, note = _current(windows) if windows.registers else (None, None)
     if args.free:
+        if args.type or args.name:
+            raise HandleError("walk --free lists entries that hold no object, so --type and --name do not apply")
         records = list(queries.free_entries(windows, target, warn=frame.warn))
         return Output(render_queries.free_table(records, frame.width, frame.paint), render_queries.free_json(records),
                       render_queries.free_summary(records), records, note)

@@ -139,5 +139,7 @@ def test_the_shell_has_find_cid_and_free_on_dumps(built_guest):
     named = [r for r in truth["handles"] if "pagefile" in (r["name"] or "").lower()]
     assert json.loads(cli("find", "--dump", dump, "--name", "PageFile", "--json").stdout) == named
     assert len(json.loads(cli("walk", "--dump", dump, "--json").stdout)) == len(truth["handles"])   # all
+    result = cli("walk", "--dump", dump, "--free", "--type", "File")
+    assert result.returncode == 2 and "--type and --name do not apply" in result.stderr
     result = cli("lookup", "--dump", dump, "0x4")
     assert result.returncode == 2 and "no current process" in result.stderr and "give a pid" in result.stderr
