@@ -59,7 +59,7 @@ def nearest_base(build: int) -> layouts.ProfileLayout:
     return layouts.for_build(nearest)
 
 
-def _exported_code(kernel: Kernel, *names: str) -> list[tuple[str, list[disasm.Trace]]]:
+def exported_code(kernel: Kernel, *names: str) -> list[tuple[str, list[disasm.Trace]]]:
     out = []
     for name in names:
         rva = kernel.image.exports.get(name)
@@ -68,9 +68,9 @@ def _exported_code(kernel: Kernel, *names: str) -> list[tuple[str, list[disasm.T
     return out
 
 
-def _accessor(kernel: Kernel, name: str, lea: bool = False) -> tuple[int, str] | None:
+def accessor(kernel: Kernel, name: str, lea: bool = False) -> tuple[int, str] | None:
     """(offset, how) of the first field the exported accessor reads (or addresses) from its argument."""
-    for function, found in _exported_code(kernel, name):
+    for function, found in exported_code(kernel, name):
         reads = disasm.field_reads(found[:1], ("arg", 0), None if lea else 8, lea=lea)
         if reads:
             disp, at = reads[0]
@@ -78,7 +78,7 @@ def _accessor(kernel: Kernel, name: str, lea: bool = False) -> tuple[int, str] |
     return None
 
 
-def _agree(kernel: Kernel, what: str, code: tuple[int, str] | None,
+def agree(kernel: Kernel, what: str, code: tuple[int, str] | None,
            live: tuple[int, str] | None) -> tuple[int, str]:
     """The offset both ways give (a failed check when they differ; the live one then wins)."""
     if code and live:
@@ -91,7 +91,7 @@ def _agree(kernel: Kernel, what: str, code: tuple[int, str] | None,
                       Advice.SUPPLY_PROFILE)
 
 
-def _qwords(kernel: Kernel, address: int, size: int) -> list[int]:
+def qwords(kernel: Kernel, address: int, size: int) -> list[int]:
     """`size` bytes as qwords; past an unreadable page boundary, zeros (a structure's tail may
     lie beyond the page its pool block ends in). HandleError if even the first page fails."""
     raw, at = b"", address
@@ -124,8 +124,8 @@ def _process_list(kernel: Kernel, system: int, words: list[int]) -> tuple[int, s
 
 def infer_process(kernel: Kernel, layout: InferredLayout, system: int) -> None:
     """The _EPROCESS offsets, from System's EPROCESS (PsInitialSystemProcess) and the accessors."""
-    words = _qwords(kernel, system, EPROCESS_SCAN)
-    pid, how = _agree(kernel, "_EPROCESS.UniqueProcessId", _accessor(kernel, "PsGetProcessId"),
+    words = qwords(kernel, system, EPROCESS_SCAN)
+    pid, how = agree(kernel, "_EPROCESS.UniqueProcessId", accessor(kernel, "PsGetProcessId"),
                       _process_list(kernel, system, words))
     layout.put("_EPROCESS", "UniqueProcessId", pid, 8, how)
     layout.put("_EPROCESS", "ActiveProcessLinks", pid + 8, 16,
@@ -133,10 +133,10 @@ def infer_process(kernel: Kernel, layout: InferredLayout, system: int) -> None:
     raw = b"".join(word.to_bytes(8, "little") for word in words)
     at = raw.find(b"System\0")
     live_name = (at, "live: \"System\" in System's EPROCESS") if at >= 0 else None
-    name, how = _agree(kernel, "_EPROCESS.ImageFileName", _accessor(kernel, "PsGetProcessImageFileName", lea=True),
+    name, how = agree(kernel, "_EPROCESS.ImageFileName", accessor(kernel, "PsGetProcessImageFileName", lea=True),
                        live_name)
     layout.put("_EPROCESS", "ImageFileName", name, 15, how)
-    table, how = _agree(kernel, "_EPROCESS.ObjectTable", _object_table_code(kernel),
+    table, how = agree(kernel, "_EPROCESS.ObjectTable", _object_table_code(kernel),
                         _object_table_live(kernel, words))
     layout.put("_EPROCESS", "ObjectTable", table, 8, how)
     layout.put("_EPROCESS", "Pcb.DirectoryTableBase", DIRECTORY_TABLE_BASE, 8,
@@ -145,7 +145,7 @@ def infer_process(kernel: Kernel, layout: InferredLayout, system: int) -> None:
 
 def _object_table_code(kernel: Kernel) -> tuple[int, str] | None:
     """ObReferenceObjectByHandle(WithTag): [[[gs:CurrentThread] + ApcState.Process] + ObjectTable]."""
-    for function, found in _exported_code(kernel, "ObReferenceObjectByHandleWithTag", "ObReferenceObjectByHandle"):
+    for function, found in exported_code(kernel, "ObReferenceObjectByHandleWithTag", "ObReferenceObjectByHandle"):
         for base, disp, at in disasm.loads_through(found, "load"):
             if base[1][0] == "gs":
                 return disp, f"code: {function} at {at:#x}"
@@ -155,7 +155,7 @@ def _object_table_code(kernel: Kernel) -> tuple[int, str] | None:
 def _object_table_live(kernel: Kernel, words: list[int]) -> tuple[int, str] | None:
     """The System EPROCESS slot holding the value of a qword the handle-reference code loads."""
     values = {}
-    for function, found in _exported_code(kernel, "ObReferenceObjectByHandleWithTag", "ObReferenceObjectByHandle"):
+    for function, found in exported_code(kernel, "ObReferenceObjectByHandleWithTag", "ObReferenceObjectByHandle"):
         for address, _at in disasm.constant_loads(found, 8):
             try:
                 values[kernel.space.u64(address)] = address

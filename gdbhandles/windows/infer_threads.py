@@ -10,9 +10,9 @@ blocks chain up through ParentKcb to one root named REGISTRY.
 from __future__ import annotations
 
 from gdbhandles.errors import HandleError
-from gdbhandles.windows import disasm
+from gdbhandles.windows import disasm, object_types
 from gdbhandles.windows.handle_table import EntryFormat, HandleTable
-from gdbhandles.windows.infer import InferredLayout, _accessor, _agree, _exported_code, _qwords
+from gdbhandles.windows.infer import InferredLayout, accessor, agree, exported_code, qwords
 from gdbhandles.windows.kernel import Check, Kernel
 
 THREAD_OBJECT, PROCESS_OBJECT = 6, 3       # _DISPATCHER_HEADER.Type
@@ -24,16 +24,16 @@ MAX_KEY_DEPTH = 64
 
 def infer_thread_code(kernel: Kernel, layout: InferredLayout) -> None:
     """What the accessors say; the CID table checks it later (check_threads)."""
-    cid = _accessor(kernel, "PsGetThreadProcessId")
-    tid = _accessor(kernel, "PsGetThreadId")
+    cid = accessor(kernel, "PsGetThreadProcessId")
+    tid = accessor(kernel, "PsGetThreadId")
     if cid is None and tid is not None:
         cid = (tid[0] - 8, tid[1] + " (UniqueThread, Cid + 8)")
     if cid is not None:
         layout.put("_ETHREAD", "Cid", cid[0], 16, cid[1])
-    owner = _accessor(kernel, "PsGetThreadProcess")
+    owner = accessor(kernel, "PsGetThreadProcess")
     if owner is not None:
         layout.put("_KTHREAD", "Process", owner[0], 8, owner[1])
-    for function, found in _exported_code(kernel, "PsGetCurrentProcess", "IoGetCurrentProcess"):
+    for function, found in exported_code(kernel, "PsGetCurrentProcess", "IoGetCurrentProcess"):
         reads = disasm.loads_through(found[:1], "gs")
         if reads:
             base, disp, at = reads[0]
@@ -64,7 +64,7 @@ def _cid_bodies(kernel: Kernel) -> tuple[dict[int, int], dict[int, int]]:
 def _live_cid(kernel: Kernel, processes: dict, threads: dict) -> tuple[int, str] | None:
     candidates = None
     for tid, body in threads.items():
-        words = _qwords(kernel, body, THREAD_SCAN)
+        words = qwords(kernel, body, THREAD_SCAN)
         here = {8 * i for i in range(len(words) - 1) if words[i + 1] == tid and words[i] in processes}
         candidates = here if candidates is None else candidates & here
     if candidates:
@@ -76,7 +76,7 @@ def _live_apc_process(kernel: Kernel, processes: dict, threads: dict, cid: int) 
     """Offsets where every sampled thread holds its own process's EPROCESS."""
     candidates = None
     for body in threads.values():
-        words = _qwords(kernel, body, THREAD_SCAN)
+        words = qwords(kernel, body, THREAD_SCAN)
         owner = processes.get(words[cid // 8])
         here = {8 * i for i, w in enumerate(words) if owner and w == owner}
         candidates = here if candidates is None else candidates & here
@@ -85,10 +85,20 @@ def _live_apc_process(kernel: Kernel, processes: dict, threads: dict, cid: int) 
 
 def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
     """Cid and ApcState.Process against the threads PspCidTable holds (after globals are known)."""
-    processes, threads = _cid_bodies(kernel)
+    if kernel.globals.get("PspCidTable") is None:
+        kernel.checks.append(Check("thread offsets against PspCidTable", False, "PspCidTable not located"))
+        processes, threads = {}, {}
+    else:
+        processes, threads = _cid_bodies(kernel)
     code = layout.fields.get(("_ETHREAD", "Cid"))
     code = (code.offset, layout.how["_ETHREAD.Cid"]) if code else None
-    cid, how = _agree(kernel, "_ETHREAD.Cid", code, _live_cid(kernel, processes, threads))
+    live = _live_cid(kernel, processes, threads)
+    if code is None and live is None:            # said in handle info: thread ids may be wrong
+        base = layout.base
+        live = (base.offset("_ETHREAD", "Cid"), f"NOT inferred (no accessor, no live threads): taken from "
+                                                 f"shipped profile {base.version}; thread ids may be wrong")
+        kernel.checks.append(Check("_ETHREAD.Cid inferred", False, live[1]))
+    cid, how = agree(kernel, "_ETHREAD.Cid", code, live)
     layout.put("_ETHREAD", "Cid", cid, 16, how)
     owners = sorted(_live_apc_process(kernel, processes, threads, cid))
     # ApcState.Process (attached-to) comes before KTHREAD.Process (owner); unattached, both hold the owner
@@ -104,7 +114,6 @@ def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
 
 def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
-    from gdbhandles.windows import object_types
     types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
     body_offset, entry_format = kernel.layout.offset("_OBJECT_HEADER", "Body"), EntryFormat(kernel)
     links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
@@ -133,7 +142,7 @@ class _Kcbs:
 
     def words(self, kcb: int) -> list[int]:
         if kcb not in self.blocks:
-            self.blocks[kcb] = _qwords(self.kernel, kcb, KCB_SCAN)
+            self.blocks[kcb] = qwords(self.kernel, kcb, KCB_SCAN)
         return self.blocks[kcb]
 
     def name_of(self, block: int) -> str | None:

@@ -118,8 +118,8 @@ def _cid_table(kernel: Kernel) -> None:
 
     loads = disasm.constant_loads(_code(kernel, "PsLookupProcessByProcessId"), 8)
     if not _first(kernel, "PspCidTable", "PsLookupProcessByProcessId", loads, finds_system):
-        raise MissingGlobal(f"cannot locate PspCidTable for build {kernel.build} (no qword PsLookupProcess"
-                            f"ByProcessId loads finds System under pid 4): no thread or process ids")
+        _set(kernel, "PspCidTable", None, "not located (no qword PsLookupProcessByProcessId loads finds System "
+                                          "under pid 4): no id lookups (handle cid), thread offsets not checked")
 
 
 def _type_table(kernel: Kernel) -> None:
