@@ -169,3 +169,17 @@ def test_cli_layout_infer(guest):
     result = cli("info", "--dump", str(directory / "memory.raw"), "--layout", "infer")
     assert "inferred offsets" in result.stdout and "_EPROCESS.ObjectTable" in result.stdout
     assert "checks       " in result.stdout and "FAILED" not in result.stdout
+
+
+def test_a_global_not_located_is_named_with_its_cost(guest, tmp_path):
+    directory, truth = guest("19041", guid="random", code_variants="random")
+    dump = directory / "memory.raw"
+    windows = Windows.open(DumpFile(dump))
+    kernel = windows.kernel
+    lookup = kernel.base + kernel.image.exports["PsLookupProcessByProcessId"]
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    copy = patched_copy(dump, tmp_path / "nocid.raw", {space.translate(lookup): b"\xC3"})   # ret: no code
+    windows = Windows.open(DumpFile(copy))
+    info = windows.info()
+    assert info.globals["PspCidTable"] is None and "no id lookups" in info.sources["PspCidTable"]
+    check_handles(windows, truth)
