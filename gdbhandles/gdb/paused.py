@@ -20,7 +20,7 @@ from gdbhandles.automation.qmp import LOW_RAM_LIMIT, Qmp, QmpError
 from gdbhandles.gdb import settings
 from gdbhandles.windows.memory import DumpFile
 
-__all__ = ["gdb_state", "monitor", "paused_dump", "paused_vm", "ram_dump", "resume"]
+__all__ = ["gdb_state", "monitor", "paused_dump", "paused_vm", "prompt_after_stop", "ram_dump", "resume"]
 
 
 def monitor() -> Qmp:
@@ -38,10 +38,33 @@ def gdb_state() -> str:
     return "running" if thread.is_running() else "stopped"
 
 
+def _show_prompt() -> None:
+    """gdb takes the stop our QMP `stop` caused only after the command returned, so its "Program
+    received signal SIGINT" lands after the prompt: show the prompt again below it (on a
+    terminal; MI and scripts have no prompt to restore)."""
+    if os.isatty(0) and os.isatty(1):
+        gdb.write(gdb.parameter("prompt") or "")
+        gdb.flush()
+
+
 def _continue_after_stop(event) -> None:
     """gdb has taken the stop our QMP `stop` caused: resume through gdb, once."""
     gdb.events.stop.disconnect(_continue_after_stop)
-    gdb.post_event(lambda: gdb.execute("continue &"))
+
+    def resume_and_prompt() -> None:
+        gdb.execute("continue &")
+        _show_prompt()
+    gdb.post_event(resume_and_prompt)
+
+
+def _prompt_after_stop(event) -> None:
+    gdb.events.stop.disconnect(_prompt_after_stop)
+    gdb.post_event(_show_prompt)
+
+
+def prompt_after_stop() -> None:
+    """After `handle pause` of a target gdb believes running: the prompt again below the stop."""
+    gdb.events.stop.connect(_prompt_after_stop)
 
 
 def resume(q: Qmp) -> None:

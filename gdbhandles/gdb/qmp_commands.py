@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from gdbhandles.gdb.commands import body, emit
-from gdbhandles.gdb.paused import gdb_state, monitor, resume
+from gdbhandles.gdb.paused import gdb_state, monitor, prompt_after_stop, resume
 
 
 @body("pause")
@@ -12,7 +12,11 @@ def pause(args) -> None:
     with monitor() as q:
         if q.status() == "running":
             q.stop()
-            emit("VM paused" + (" (gdb reports the stop)" if gdb_state() == "running" else ""))
+            if gdb_state() == "running":
+                prompt_after_stop()
+                emit("VM paused (gdb reports the stop)")
+            else:
+                emit("VM paused")
         else:
             emit(f"VM already {q.status()}")
 
