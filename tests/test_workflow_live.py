@@ -298,4 +298,4 @@ def test_breakpoint_condition_with_handle_functions(leak):
         assert counters(leak)[0] == done + 3
     finally:
         leak.gdb.console("delete")
-    assert "is past the end" in leak.error(f"output $handle_object(0x7ffffff0, 4)")
+    assert "is past the end" in leak.error("output $handle_object(0x7ffffff0, 4)")
