@@ -112,3 +112,48 @@ def test_tables_fit_narrow_terminals(guest):
     wide = render.handles_table(records)
     longest = max((r.name or "" for r in records), key=len)
     assert longest in wide and longest not in render.handles_table(records, 80)
+
+
+def on_terminal(*args, columns=80, env=None) -> str:
+    """The CLI with its stdout on a pty of `columns` columns (as a user's terminal)."""
+    import fcntl
+    import struct
+    import termios
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    environment = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "NO_COLOR")}
+    proc = subprocess.Popen([sys.executable, "-m", "gdbhandles.cli", *map(str, args)], stdout=slave,
+                            stderr=subprocess.DEVNULL, cwd=REPO, env={**environment, **(env or {})})
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:            # the pty closes when the CLI exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=120)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_cli_tables_fit_the_terminal_with_colours_unless_no_color(guest):
+    directory, truth = guest
+    dump = directory / "memory.raw"
+    for columns in (80, 100):
+        text = on_terminal("walk", "--dump", dump, columns=columns)
+        plain = render_plain(text)
+        *lines, summary = [line for line in plain.splitlines() if line]
+        assert max(map(len, lines)) <= columns and lines[0].split()[0] == "PID", columns
+        assert summary.startswith(f"{len({h['pid'] for h in truth['handles']})} processes, {len(truth['handles'])} handles")
+        assert "\x1b[1m" in text and "\x1b[36m" in text                 # header and types in colour
+    assert "\x1b[" not in on_terminal("ps", "--dump", dump, env={"NO_COLOR": "1"})
+    longest = max((h["name"] or "" for h in truth["handles"]), key=len)
+    assert longest in cli("walk", "--dump", dump).stdout                 # not a terminal: nothing cut
+
+
+def render_plain(text: str) -> str:
+    import re
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).replace("\r", "")
