@@ -6,6 +6,9 @@ text and completion from it, and adds only what differs where the user is: how a
 read (gdb also evaluates expressions), where memory comes from, and the advice an error
 gets. The engine commands' bodies (`query`) are written here too, so both front ends show
 the same output; each returns an `Output` that the front end delivers (`deliver`).
+
+Longer than 300 lines on purpose: every command of both front ends is declared here, as data,
+so that one file answers "which commands exist, with which arguments".
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ class Windows:
         body = thread if handle == CURRENT_THREAD else current.eprocess
         found = self.objects.decode(body - self.objects.body_offset)
         record = LookupRecord(current.pid, current.name, handle, "valid",
-                              note=f"pseudo-handle {pseudo}: the {what} of {cpu} (in {owner})")
+                              note=f"pseudo-handle {pseudo}: the {what} of {cpu}, in {owner}")
         all_access = access.RIGHTS.get(found.type or "", ({}, {}))[1]
         self._fill(record, found, next(iter(all_access), 0), 0)
         return record
