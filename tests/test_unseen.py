@@ -183,3 +183,24 @@ def test_a_global_not_located_is_named_with_its_cost(guest, tmp_path):
     info = windows.info()
     assert info.globals["PspCidTable"] is None and "no id lookups" in info.sources["PspCidTable"]
     check_handles(windows, truth)
+
+
+def test_every_encoding_is_drawn_and_read():
+    """Over enough seeds every form of every function appears, and each one is read right."""
+    from winguest.code_variants import COOKIE_FORMS
+    profile = next(p for _, p in all_profiles() if p["build"] == 19041)
+    drawn = set()
+    for seed in range(40):
+        image = build_kernel_image(profile, guid="0" * 32, age=1, base=BASE, rng=random.Random(seed),
+                                   code_variants=True)
+        read = image_reader(image)
+        get_type = exported(image, read, "ObGetObjectType")
+        assert first(disasm.constant_loads(get_type, 1)) == [BASE + image.symbols["ObHeaderCookie"]]
+        assert first(disasm.indexed_tables(get_type, 8)) == [BASE + image.symbols["ObTypeIndexTable"]]
+        drawn.update(f"{k}={v}" for k, v in image.code_forms.items())
+    wanted = {f"ObGetObjectType={form}{chunk}" for form in COOKIE_FORMS for chunk in ("", "+chunk")}
+    wanted |= {f"PspCidTable={form}" for form in ("rip", "copy", "lea", "rip+decoy", "copy+decoy", "lea+decoy",
+                                                   "worker")}
+    wanted |= {"ObpKernelHandleTable=rip", "ObpKernelHandleTable=lea", "ObpKernelHandleTable=copy",
+               "ObpInfoMaskToOffset=base-first", "ObpInfoMaskToOffset=index-first"}
+    assert wanted <= drawn, wanted - drawn
