@@ -52,7 +52,7 @@ class Windows:
         memory = phys if isinstance(phys, PhysicalMemory) else PhysicalMemory(phys)
         if progress:
             progress("looking for the Windows kernel")
-        return cls(discovery.discover(memory, registers, dtb, kernel_base, isf, layout), registers or [])
+        return cls(discovery.discover(memory, registers, dtb, kernel_base, isf, layout, progress), registers or [])
 
     # --- processes -------------------------------------------------------------------------
 

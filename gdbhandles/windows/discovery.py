@@ -11,10 +11,12 @@ LAYOUT_MODES = ("auto", "infer")
 
 
 def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int | None = None,
-             kernel_base: int | None = None, isf: str | None = None, layout: str = "auto") -> Kernel:
-    """The running kernel with every fact it found and how; `layout="infer"` ignores shipped layouts."""
+             kernel_base: int | None = None, isf: str | None = None, layout: str = "auto",
+             progress=None) -> Kernel:
+    """The running kernel with every fact it found and how; `layout="infer"` ignores shipped layouts.
+    `progress(text)` hears of long steps (the PML4 scan of a large dump)."""
     registers = registers or []
-    space, dtb_source, base, image, base_source = kernel_module.locate(phys, registers, dtb, kernel_base)
+    space, dtb_source, base, image, base_source = kernel_module.locate(phys, registers, dtb, kernel_base, progress)
     build = kernel_module.build_number(space, base, image)
     chosen, symbols = kernel_module.choose_layout(image, build, isf, infer=layout == "infer")
     kernel = Kernel(phys, space, dtb_source, base, base_source, image, build, chosen or infer.nearest_base(build))

@@ -25,6 +25,8 @@ SCAN_DOWN = 32 << 20                  # how far below a code address the image b
 LARGE = 2 << 20
 KERNEL_REGION = (0xFFFFF80000000000, 0xFFFFF88000000000)   # where every x64 build loads ntoskrnl
 IDT_VECTORS = 4
+PML4_SCAN_LIMIT = 4 << 30             # physical bytes the last-resort PML4 scan reads
+PROGRESS_STEP = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -88,29 +90,60 @@ def low_stub(phys: PhysicalMemory) -> tuple[int, int, int] | None:
     return None
 
 
-def self_referencing_pml4s(phys: PhysicalMemory):
+def self_referencing_pml4s(phys: PhysicalMemory, progress=None):
     """Physical pages with a kernel-half entry pointing back at the page itself, one per
-    distinct kernel half (every process's PML4 shares the kernel's)."""
+    distinct kernel half (every process's PML4 shares the kernel's). The last resort after
+    the vCPUs' CR3 and the start block, so bounded: the first PML4_SCAN_LIMIT bytes (Windows
+    keeps the System DTB low), zero runs skipped at once, `progress` told every 256 MiB."""
     size = getattr(phys.backend, "size", None)
     if not size:
         return
+    size = min(size, PML4_SCAN_LIMIT)
     chunk, seen = 1 << 20, set()
+    zero = bytes(chunk)
     for start in range(0, size - size % PAGE, chunk):
+        if progress and start and not start % PROGRESS_STEP:
+            progress(f"scanning physical memory for a page table: {start >> 20} of {size >> 20} MiB")
         try:
             data = phys.scan(start, min(chunk, size - start))
         except HandleError:
             continue
-        for offset in range(0, len(data), PAGE):
-            page = start + offset
-            entries = struct.unpack_from("<256Q", data, offset + 0x800)
+        if data == zero[:len(data)]:
+            continue
+        for page in _pml4_pages(data, start):
+            entries = struct.unpack_from("<256Q", data, page - start + 0x800)
             if sum(1 for e in entries if e & 1) < 2:
                 continue
-            selves = [i for i, e in enumerate(entries) if e & PFN_MASK == page and e & 3 == 3]
-            if selves:
-                half = tuple(e for i, e in enumerate(entries) if i not in selves)
-                if half not in seen:
-                    seen.add(half)
+            half = tuple(e for e in entries if e & PFN_MASK != page)
+            if half not in seen:
+                seen.add(half)
+                yield page
+
+
+def _pml4_pages(data: bytes, start: int):
+    """Pages of `data` (read from physical `start`) whose upper half holds a present, writable
+    entry with the page's own frame: found with bytes.find of the frame's bytes 2-5."""
+    for offset in range(0, len(data) - PAGE + 1, PAGE):
+        page = start + offset
+        needle, lo = (page >> 16).to_bytes(4, "little"), offset + 0x800
+        at = data.find(needle, lo + 2, offset + PAGE)
+        while at != -1:
+            entry_at = at - 2
+            if not (entry_at - lo) % 8:
+                entry = int.from_bytes(data[entry_at:entry_at + 8], "little")
+                if entry & PFN_MASK == page and entry & 3 == 3:
                     yield page
+                    break
+            at = data.find(needle, at + 1, offset + PAGE)
+
+
+def scan_note(phys: PhysicalMemory) -> str:
+    """What the PML4 scan left out, for the message when no kernel was found ('' if nothing)."""
+    size = getattr(phys.backend, "size", None) or 0
+    if size <= PML4_SCAN_LIMIT:
+        return ""
+    return (f"; the PML4 scan covered the first {PML4_SCAN_LIMIT >> 20} MiB of {size >> 20} MiB "
+            "(give the DTB for the rest)")
 
 
 def _kernel_at(space: AddressSpace, base: int) -> pe.PeImage | None:
@@ -191,7 +224,7 @@ def _find_base(space: AddressSpace, registers, stub, kernel_base) -> tuple[int, 
     return None
 
 
-def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None):
+def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None, progress=None):
     if dtb is not None:
         yield dtb & PFN_MASK, "given by the user", None
         return
@@ -206,15 +239,16 @@ def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None
         yield stub[1], f"low-memory processor start block at {stub[0]:#x}", stub
     if stub is not None:
         seen.add(stub[1])
-    for page in self_referencing_pml4s(phys):
+    for page in self_referencing_pml4s(phys, progress):
         if page not in seen:
             yield page, "self-referencing PML4 scan", None
 
 
-def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_base: int | None):
+def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_base: int | None,
+           progress=None):
     """(space, dtb source, base, image, base source) of the running kernel."""
     tried = []
-    for candidate, source, stub in _dtb_candidates(phys, registers, dtb):
+    for candidate, source, stub in _dtb_candidates(phys, registers, dtb, progress):
         space = AddressSpace(phys, candidate)
         found = _find_base(space, registers, stub, kernel_base)
         if found is not None:
@@ -224,7 +258,7 @@ def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_
     what = "the given kernel base" if kernel_base is not None else "an ntoskrnl image"
     shown = ", ".join(tried[:4]) + (f" and {len(tried) - 4} more" if len(tried) > 4 else "")
     detail = f"; tried DTBs {shown}" if tried else ": no CR3, start block or PML4 found"
-    raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail}")
+    raise NotWindows(f"not a Windows x64 guest: no DTB maps {what}{detail}{'' if dtb else scan_note(phys)}")
 
 
 def build_number(space: AddressSpace, base: int, image: pe.PeImage) -> int:
