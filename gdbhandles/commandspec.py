@@ -266,7 +266,6 @@ def _walk(windows, args, frame: Frame) -> Output:
     before = windows.info().stats
     records = list(windows.walk(target, type=args.type, name=args.name, progress=frame.progress,
                                 warn=frame.warn))
-    frame.progress.done()
     stats = render.stats_since(windows.info().stats, before)
     summary = render.walk_summary(records, time.monotonic() - started, stats)
     return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
@@ -318,7 +317,6 @@ def _find(windows, args, frame: Frame) -> Output:
     started = time.monotonic()
     records = list(windows.walk(None, type=args.type, name=args.name, object=args.object,
                                 progress=frame.progress, warn=frame.warn))
-    frame.progress.done()
     summary = render_queries.find_summary(records, args.object, args.name, time.monotonic() - started)
     return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
                   summary, records)

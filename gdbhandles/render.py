@@ -67,9 +67,6 @@ class Progress:
             self.shown = True
             self.write(escape(message, 200) + "\n")
 
-    def done(self) -> None:
-        """Nothing to clear: progress lines are plain lines on the error stream."""
-
 
 def warning_line(warning: WalkWarning) -> str:
     """`warning: lsass.exe(672) handle 0x1c: <what>`, for every walk warning in both front ends."""
