@@ -157,3 +157,14 @@ def test_cli_tables_fit_the_terminal_with_colours_unless_no_color(guest):
 def render_plain(text: str) -> str:
     import re
     return re.sub(r"\x1b\[[0-9;]*m", "", text).replace("\r", "")
+
+
+def test_progress_and_warning_lines_are_escaped():
+    from gdbhandles.records import WalkWarning
+    lines = []
+    progress = render.Progress(lines.append, every=0)
+    progress("process 1/2: x\x1b]0;T\x07\r\n\u202e(4), 0 handles so far")
+    assert lines == ["process 1/2: x\\e]0;T\\x07\\r\\n\\u202e(4), 0 handles so far\n"]
+    warning = WalkWarning(672, "ls\x1b[2J\u202e", "entry \r\nbroken", 0x1c)
+    assert render.warning_line(warning) == "warning: ls\\e[2J\\u202e(672) handle 0x1c: entry \\r\\nbroken"
+    render.Progress(None)("nothing is written without a sink")
