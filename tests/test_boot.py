@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from pygdbmi.gdbcontroller import GdbController
@@ -173,3 +178,67 @@ def test_boots_under_kvm_when_usable(booted_guest, tmp_path):
     finally:
         q.close()
     check_guest(pmemsave(g, tmp_path / "dump.raw"), g.truth)
+
+
+def boot_script(guest_dir, *args: str):
+    """`vm-images/boot.py DIR ARGS` as a user runs it; its printed lines once the guest is up."""
+    script = Path(__file__).resolve().parents[1] / "vm-images" / "boot.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(guest_dir), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, proc.kill)      # a boot.py that never comes up ends the read
+    watchdog.start()
+    lines = {}
+    try:
+        for line in proc.stdout:                   # until the last line boot.py prints when up
+            word, _, rest = line.rstrip("\n").partition(" ")
+            lines[word] = rest
+            if word == "disk":
+                return proc, lines
+    finally:
+        watchdog.cancel()
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"boot.py ended: {proc.stderr.read()}")
+
+
+def end(proc) -> None:
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15, proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_snapshot_of_a_booted_guest_is_kept_for_the_next_boot(built_guest, tmp_path):
+    """boot.py runs the guest on its own disk.qcow2, so `gdbhandles snapshot --qmp` saves there;
+    --scratch runs on a copy whose snapshots go with it."""
+    source = built_guest("19041")
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    for item in source.iterdir():                  # the cached guest stays as built: only the disk is copied
+        (guest / item.name).symlink_to(item)
+    (guest / "disk.qcow2").unlink()
+    shutil.copy(source / "disk.qcow2", guest / "disk.qcow2")
+
+    def snapshot(qmp: str, name: str) -> None:
+        saved = subprocess.run([sys.executable, "-m", "gdbhandles.cli", "snapshot", "--qmp", qmp, "--name", name],
+                               capture_output=True, text=True, timeout=120)
+        assert saved.returncode == 0, saved.stderr
+
+    def snapshots() -> str:
+        return subprocess.run(["qemu-img", "snapshot", "-l", str(guest / "disk.qcow2")], capture_output=True,
+                              text=True, check=True).stdout
+
+    proc, lines = boot_script(guest)
+    assert lines["disk"] == str(guest / "disk.qcow2")
+    snapshot(lines["qmp"], "s1")
+    end(proc)
+    proc, lines = boot_script(guest, "--snapshot", "s1")
+    end(proc)
+    assert " s1 " in snapshots()
+
+    proc, lines = boot_script(guest, "--scratch")
+    assert lines["disk"].endswith("(scratch copy, removed at exit)")
+    snapshot(lines["qmp"], "s2")
+    end(proc)
+    assert " s2 " not in snapshots() and " s1 " in snapshots()
+    assert not Path(lines["disk"].split()[0]).exists()

@@ -129,3 +129,13 @@ def test_each_damage_kind_changes_one_page_and_says_so():
 
 
 NOTHING_LOST = {"bound-past-table", "amplify", "process-loop", "process-dangling"}
+
+
+def test_every_option_of_build_and_boot_is_described():
+    import boot
+    import build as build_script
+    for script in (build_script, boot):
+        actions = script.parser()._actions
+        assert len(actions) > 3
+        for action in actions:
+            assert action.help and len(action.help) > 10, (script.__name__, action.dest)

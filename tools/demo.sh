@@ -27,7 +27,7 @@ fail() { cat "$log" >&2; echo "demo.sh: $1" >&2; exit 1; }
 
 "$python" vm-images/build.py --profile "$profile" --scenario default --out "$out" >"$log" 2>&1 \
     || fail "building the guest failed"
-"$python" vm-images/boot.py "$out" >>"$log" 2>&1 &
+"$python" vm-images/boot.py --scratch "$out" >>"$log" 2>&1 &
 boot=$!
 until grep -q '^gdb-port ' "$log"; do                  # boot.py prints it once the guest is up
     kill -0 "$boot" 2>/dev/null || fail "the guest did not come up"

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Boot a built guest under QEMU (TCG): gdbstub on 127.0.0.1, QMP on a private unix socket.
 
-python vm-images/boot.py DIR [--gdb-port P] [--qmp PATH] [--snapshot NAME] [--smp N] [--ram-mib M]
-prints `gdb-port P` and `qmp PATH` once the guest reached its steady state, then runs
-until Ctrl-C/SIGTERM and cleans up (QEMU killed, socket directory removed).
+python vm-images/boot.py DIR [options]
+prints `gdb-port P`, `qmp PATH` and `disk PATH` once the guest reached its steady state, then
+runs until Ctrl-C/SIGTERM and cleans up (QEMU stopped, socket directory removed). The guest
+runs on its own DIR/disk.qcow2, so snapshots saved meanwhile (`gdbhandles snapshot --qmp PATH
+--name s1`) stay for a later `--snapshot s1`; `--scratch` runs on a throw-away copy instead.
 """
 from __future__ import annotations
 
@@ -84,6 +86,7 @@ class Booted:
     qmp: str
     pid: int
     proc: subprocess.Popen
+    disk: Path
 
 
 ACCELS = {"tcg": ["-accel", "tcg"], "kvm": ["-accel", "kvm"],
@@ -127,12 +130,13 @@ def steady(states: list[tuple[int, int]], cfg: dict) -> bool:
 @contextlib.contextmanager
 def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
            snapshot: str | None = None, smp: int | None = None, disk: Path | None = None,
-           timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None):
-    """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc).
+           timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None, scratch: bool = True):
+    """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc, disk).
     `ram_mib` gives the guest more RAM than it was built with (TCG allocates untouched RAM lazily).
 
-    Without `snapshot` or `disk` the guest gets a fresh private disk, so that tests can boot
-    one cached guest several times at once (QEMU locks its disk images)."""
+    The disk is `disk` if given, else with `scratch` (the default here, so that tests can boot one
+    cached guest several times at once: QEMU locks its disk images) a private copy of the guest's
+    disk.qcow2 removed afterwards, else the guest's own disk.qcow2."""
     guest = Path(guest_dir).resolve()
     cfg = json.loads((guest / "guest.json").read_text())
     tmp = Path(tempfile.mkdtemp(prefix="gh-boot-"))
@@ -143,11 +147,9 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
         port = gdb_port or free_port()
         qmp_path = qmp or str(tmp / "qmp.sock")
         if disk is None:
-            if snapshot:
-                disk = guest / cfg["files"]["disk"]
-            else:
-                disk = tmp / "disk.qcow2"
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+            disk = guest / cfg["files"]["disk"]
+            if scratch:
+                disk = Path(shutil.copy(disk, tmp / "disk.qcow2"))
         cmd = qemu_command(guest, cfg, port, qmp_path, Path(disk), smp or cfg["smp"], snapshot, accel, ram_mib)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(0o077))
@@ -156,7 +158,8 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
         except OSError as e:
             proc.kill()
             err = proc.communicate()[1].decode(errors="replace")
-            raise RuntimeError(f"QEMU did not start: {err.strip() or e}") from None
+            hint = " (another QEMU uses this disk: boot with --scratch)" if "lock" in err else ""
+            raise RuntimeError(f"QEMU did not start: {err.strip() or e}{hint}") from None
         os.chmod(qmp_path, 0o600)
         deadline = time.monotonic() + timeout
         while not steady(cpu_states(q), cfg):
@@ -165,7 +168,7 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
             time.sleep(0.02)
         q.close()
         q = None
-        yield Booted(port, qmp_path, proc.pid, proc)
+        yield Booted(port, qmp_path, proc.pid, proc, Path(disk))
     finally:
         if q is not None:
             q.close()
@@ -184,19 +187,28 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", type=Path)
-    ap.add_argument("--gdb-port", type=int)
-    ap.add_argument("--qmp")
-    ap.add_argument("--snapshot")
-    ap.add_argument("--smp", type=int)
-    ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("dir", type=Path, help="a guest written by build.py (guest.json, loader.bin, memory.bin, ...)")
+    ap.add_argument("--gdb-port", type=int, metavar="P",
+                    help="gdbstub port on 127.0.0.1 (default: a free one, printed as `gdb-port P`)")
+    ap.add_argument("--qmp", metavar="PATH", help="QMP unix socket (default: qmp.sock in a private 0700 directory)")
+    ap.add_argument("--snapshot", metavar="NAME", help="start from this snapshot of the disk (QEMU -loadvm)")
+    ap.add_argument("--scratch", action="store_true",
+                    help="run on a throw-away copy of DIR/disk.qcow2 (removed at exit, with any snapshot saved "
+                         "meanwhile) instead of the guest's own disk; lets one guest boot several times at once")
+    ap.add_argument("--smp", type=int, metavar="N", help="vCPUs (default: what the guest was built with)")
+    ap.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="give up if the vCPUs have not reached their steady state by then (default 60)")
     ap.add_argument("--ram-mib", type=int, help="guest RAM in MiB (default: what the guest was built with)")
     ap.add_argument("--accel", choices=sorted(ACCELS), default="tcg",
                     help="tcg (default: the tests' guests boot in well under a second and alike on every "
                          "machine), kvm, or auto (KVM when usable, else TCG)")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    a = parser().parse_args()
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
@@ -204,9 +216,10 @@ def main() -> int:
     signal.signal(signal.SIGHUP, stop)
     try:
         with booted(a.dir, gdb_port=a.gdb_port, qmp=a.qmp, snapshot=a.snapshot, smp=a.smp,
-                    timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib) as b:
+                    timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib, scratch=a.scratch) as b:
             print(f"gdb-port {b.port}", flush=True)
             print(f"qmp {b.qmp}", flush=True)
+            print(f"disk {b.disk}" + (" (scratch copy, removed at exit)" if a.scratch else ""), flush=True)
             b.proc.wait()
     except KeyboardInterrupt:
         return 130

@@ -11,18 +11,26 @@ from winguest.corrupt import KINDS  # noqa: E402
 from winguest.guest import SCENARIO_NAMES, build, write  # noqa: E402
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--profile", required=True, help="build number, full version or PDB guid_age")
-    ap.add_argument("--scenario", default="default", choices=SCENARIO_NAMES)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", required=True,
+                    help="build number (first matching profile, e.g. 19041), full version (10.0.19041.867) "
+                         "or PDB guid_age")
+    ap.add_argument("--scenario", default="default", choices=SCENARIO_NAMES,
+                    help="what the guest holds (default: default); see vm-images/README.md")
+    ap.add_argument("--seed", type=int, default=0, help="varies addresses, names and handle values (default 0)")
     ap.add_argument("--guid", choices=["random"], help="a GUID no known kernel has")
     ap.add_argument("--corrupt", action="append", default=[], choices=sorted(KINDS), metavar="KIND",
                     help="damage the guest (repeatable): " + ", ".join(sorted(KINDS)))
     ap.add_argument("--code-variants", choices=["random"],
                     help="exported functions in equivalent encodings drawn per guest (seeded)")
-    ap.add_argument("--out", required=True, type=Path)
-    a = ap.parse_args()
+    ap.add_argument("--out", required=True, type=Path, metavar="DIR",
+                    help="directory to write loader.bin, memory.bin, guest.json, disk.qcow2, truth.json, ...")
+    return ap
+
+
+def main() -> int:
+    a = parser().parse_args()
     t0 = time.monotonic()
     g = build(a.profile, a.scenario, a.seed, a.guid, a.corrupt, a.code_variants)
     write(a.out, g)
