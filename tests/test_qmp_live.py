@@ -197,3 +197,34 @@ def test_permission_denied_for_another_user(tmp_path):
                               sys.executable, "-c", code, vm.qmp], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1], timeout=60)
         assert "permission denied" in run.stdout, run.stdout + run.stderr
+
+
+def memory_line(info: str) -> str:
+    return next(line for line in info.splitlines() if line.startswith("memory access: "))
+
+
+def test_handle_info_under_auto_pause_names_where_memory_came_from():
+    """A running target with auto-pause: `handle info` works and says the paused VM was read
+    (RAM dump without the fast path, QEMU's process memory with it); after a stop, the stub or
+    the fast path of the stopped target."""
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=60) as gdb:
+        attach(vm, gdb)
+        gdb.console("set handle fast-path off")
+        gdb.console("set handle auto-pause on")
+        gdb.cont()
+        wait_status(gdb, "QEMU: running; gdb: running")
+        info = gdb.console("handle info")
+        assert info.startswith("build        19041"), info
+        assert memory_line(info).startswith("memory access: RAM dump of the VM paused through QMP (auto-pause)")
+        wait_status(gdb, "QEMU: running; gdb: running")          # resumed after each command
+        gdb.interrupt()
+        gdb.drain()
+        info = gdb.console("handle info")
+        assert memory_line(info).startswith("memory access: QEMU physical mode (Qqemu.PhyMemMode); guest RAM: 0x0-")
+
+        gdb.console("set handle fast-path auto")
+        gdb.cont()
+        wait_status(gdb, "QEMU: running; gdb: running")
+        info = gdb.console("handle info")
+        assert memory_line(info).startswith(f"memory access: QEMU process memory (/proc/{vm.pid}/mem, the fast path)")
+        wait_status(gdb, "QEMU: running; gdb: running")

@@ -102,7 +102,10 @@ class Gdb:
         return records
 
     def send(self, command: str) -> int:
-        """Write one MI command without waiting; its token, for result()."""
+        """Write one MI command without waiting; its token, for result(). Records read before it
+        was sent are not its output: async ones go to the backlog, stray console text is dropped."""
+        self.backlog.extend(r for r in self._unread if r.get("type") in ("notify", "exec", "status"))
+        self._unread = []
         self._token += 1
         self._ctrl.write(f"{self._token}{command}", read_response=False)
         return self._token
