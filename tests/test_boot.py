@@ -81,6 +81,14 @@ def test_registers_and_structures_through_gdb(booted_guest, profile):
         gdb.close()
 
 
+@pytest.fixture
+def dump_path(tmp_path):
+    """Where a test's pmemsave goes; removed when the test ends (a dump is the guest's whole RAM)."""
+    path = tmp_path / "dump.raw"
+    yield path
+    path.unlink(missing_ok=True)
+
+
 def pmemsave(g, path, q=None):
     """Stop the guest and dump all its RAM (QMP allows one client: pass the open one)."""
     cfg = json.loads((g.dir / "guest.json").read_text())
@@ -98,10 +106,10 @@ def pmemsave(g, path, q=None):
 @pytest.mark.parametrize("profile,scenario", [(p, s) for s in ("default", "level2", "kpti")
                                               for p in ("7601", "19041", "22000")] + [
                                               pytest.param("19041", "big", marks=pytest.mark.slow)])
-def test_pmemsave_equals_memory_raw(booted_guest, tmp_path, profile, scenario):
+def test_pmemsave_equals_memory_raw(booted_guest, dump_path, profile, scenario):
     g = booted_guest(profile, scenario)
     cfg = json.loads((g.dir / "guest.json").read_text())
-    dump = pmemsave(g, tmp_path / "dump.raw")
+    dump = pmemsave(g, dump_path)
     got, want = dump.read_bytes(), (g.dir / "memory.raw").read_bytes()
     assert len(got) == len(want)
     blob = (g.dir / "memory.bin").stat().st_size
@@ -140,7 +148,7 @@ def test_kpti_second_vcpu_in_user_mode(booted_guest, profile):
 
 
 @pytest.mark.parametrize("profile", ["7601", "19041", "22000"])
-def test_churn_flips_between_the_two_states(booted_guest, tmp_path, profile):
+def test_churn_flips_between_the_two_states(booted_guest, dump_path, profile):
     """The live table page is state A or B whenever the seqlock counter is even."""
     g = booted_guest(profile, "churn")
     c = g.truth["churn"]
@@ -150,7 +158,7 @@ def test_churn_flips_between_the_two_states(booted_guest, tmp_path, profile):
     try:
         for attempt in range(200):
             time.sleep(0.002 * (attempt % 10))
-            dump = pmemsave(g, tmp_path / "dump.raw", q)
+            dump = pmemsave(g, dump_path, q)
             raw = Raw(dump)
             try:
                 guest = Guest(raw, g.truth)
@@ -170,14 +178,14 @@ def test_churn_flips_between_the_two_states(booted_guest, tmp_path, profile):
 
 
 @pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm")
-def test_boots_under_kvm_when_usable(booted_guest, tmp_path):
+def test_boots_under_kvm_when_usable(booted_guest, dump_path):
     g = booted_guest("19041", "default", accel="auto")
     q = QMP(g.qmp)
     try:
         assert "kvm support: enabled" in q.hmp("info kvm")
     finally:
         q.close()
-    check_guest(pmemsave(g, tmp_path / "dump.raw"), g.truth)
+    check_guest(pmemsave(g, dump_path), g.truth)
 
 
 def boot_script(guest_dir, *args: str):

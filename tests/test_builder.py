@@ -139,3 +139,25 @@ def test_every_option_of_build_and_boot_is_described():
         assert len(actions) > 3
         for action in actions:
             assert action.help and len(action.help) > 10, (script.__name__, action.dest)
+
+
+def test_guest_cache_is_bounded_least_recently_used_first(tmp_path, monkeypatch):
+    import os
+    import time
+    from winguest import cache
+    monkeypatch.setattr(cache, "CACHE", tmp_path)
+    monkeypatch.setattr(cache, "LIMIT_MIB", 2)
+    now = time.time()
+    ages = {"old": 3000, "older": 4000, "recent": 60, "busy": 5, "stale": 9000}
+    for name, age in ages.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "memory.bin").write_bytes(os.urandom(1 << 20))          # 1 MiB each, 5 MiB in all
+        (d / "done").write_text("stale-digest" if name == "stale" else "digest")
+        os.utime(d / "done", (now - age, now - age))
+    cache.prune("digest")
+    # other sources go first; then the least recently used idle guests until 2 MiB remain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "recent"]
+    monkeypatch.setattr(cache, "LIMIT_MIB", 0)
+    cache.prune("digest")                   # guests used in the last IDLE seconds are never removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "recent"]

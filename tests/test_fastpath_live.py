@@ -137,6 +137,7 @@ def test_ram_read_from_the_process_equals_a_pmemsave(tmp_path):
             dump = tmp_path / "ram.raw"
             q.pmemsave(str(dump), 32 << 20)
             assert ram.read(0, 32 << 20) == dump.read_bytes()
+            dump.unlink()
             size = q.ram_size()
             assert ram.read(size - 16, 16) is not None
             with pytest.raises(qemu_ram.UnreadablePage):
