@@ -40,7 +40,7 @@ def booted_guest():
     killed and its socket directory removed when the test ends."""
     with contextlib.ExitStack() as stack:
         def boot(profile="19041", scenario="default", seed=0, guid=None, code_variants=None, **kw) -> BootedGuest:
-            d = cached_guest(str(profile), scenario, seed, guid, code_variants)
+            d = cached_guest(str(profile), scenario, seed, guid, code_variants=code_variants)
             b = stack.enter_context(booted(d, **kw))
             return BootedGuest(d, json.loads((d / "truth.json").read_text()), b.port, b.qmp, b.pid)
         yield boot
