@@ -216,7 +216,6 @@ def deliver(output: Output, args: argparse.Namespace, out: Callable[[str], None]
         try:
             write_atomically(destination, body)
         except OSError as exc:
-            from gdbhandles.errors import HandleError
             raise HandleError(f"cannot write {destination}: {exc.strerror}") from None
         err(f"{destination}: {len(body)} bytes written\n")
     else:
