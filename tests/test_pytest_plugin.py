@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from boot import qemu_command
-from winguest.cache import guest as cached_guest
+from machines import machine
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -31,19 +28,6 @@ SNAPSHOTS = json.loads({snapshots!r})
 def test_handles_match_golden(request, handles, golden):
     golden(f"goldens/{{request.node.callspec.id}}.json", handles)
 '''
-
-
-def machine(seed: int, where: Path) -> tuple[str, str, dict]:
-    """(QEMU arguments, their disk, truth) of a test guest with its own disk copy."""
-    directory = cached_guest("19041", "default", seed)
-    cfg = json.loads((directory / "guest.json").read_text())
-    disk = where / f"disk{seed}.qcow2"
-    shutil.copy(directory / cfg["files"]["disk"], disk)
-    args = qemu_command(directory, cfg, 0, "unused", disk, cfg["smp"], None)[1:]
-    for option in ("-gdb", "-qmp"):
-        at = args.index(option)
-        del args[at:at + 2]
-    return shlex.join(args), str(disk), json.loads((directory / "truth.json").read_text())
 
 
 def gdbhandles(*args: str) -> None:
@@ -77,7 +61,7 @@ def suite(tmp_path_factory):
         qemu, disk, truth = machine(seed, where)
         for name in names:
             gdbhandles("snapshot", "--qemu", qemu, "--name", name, "--wait", "0.5")
-            snapshots[f"guest{seed}-{name}"] = {"qemu": qemu, "snapshot": name, "disk": disk}
+            snapshots[f"guest{seed}-{name}"] = {"qemu": qemu, "snapshot": name, "disk": str(disk)}
             (where / "goldens" / f"guest{seed}-{name}.json").write_text(json.dumps(truth["handles"]))
             truths[f"guest{seed}-{name}"] = truth["handles"]
     (where / "test_snapshots.py").write_text(USER_SUITE.format(snapshots=json.dumps(snapshots)))

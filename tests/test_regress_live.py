@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from boot import qemu_command
+from machines import machine as guest_machine
 from gdbhandles.automation.regress import compare
 from winguest.cache import guest as cached_guest
 
@@ -22,15 +21,8 @@ CLI = [sys.executable, "-m", "gdbhandles.cli"]
 
 def machine(seed: int, tmp_path: Path) -> tuple[str, dict]:
     """QEMU arguments of a test guest with its own copy of the disk, and its truth."""
-    directory = cached_guest("19041", "default", seed)
-    cfg = json.loads((directory / "guest.json").read_text())
-    disk = tmp_path / f"disk{seed}.qcow2"
-    shutil.copy(directory / cfg["files"]["disk"], disk)
-    args = qemu_command(directory, cfg, 0, "unused", disk, cfg["smp"], None)[1:]
-    for option in ("-gdb", "-qmp"):
-        at = args.index(option)
-        del args[at:at + 2]
-    return shlex.join(args), json.loads((directory / "truth.json").read_text())
+    args, _disk, truth = guest_machine(seed, tmp_path)
+    return args, truth
 
 
 def gdbhandles(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

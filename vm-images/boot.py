@@ -93,15 +93,21 @@ ACCELS = {"tcg": ["-accel", "tcg"], "kvm": ["-accel", "kvm"],
           "auto": ["-accel", "kvm", "-accel", "tcg"]}   # KVM when /dev/kvm works, else TCG
 
 
+def machine_arguments(guest: Path, cfg: dict, disk: Path, smp: int, accel: str = "tcg",
+                      ram_mib: int | None = None) -> list[str]:
+    """QEMU's arguments for the guest's machine alone: what a user gives `gdbhandles run --qemu`."""
+    f = cfg["files"]
+    return [*ACCELS[accel], "-machine", "pc", "-cpu", "qemu64", "-m", str(ram_mib or cfg["ram_mib"]),
+            "-smp", str(smp), "-display", "none", "-no-reboot", "-nodefaults", "-serial", "none",
+            "-kernel", str(guest / f["kernel"]),
+            "-device", f"loader,file={guest / f['blob']},addr={cfg['blob_base']:#x},force-raw=on",
+            "-blockdev", f"driver=file,filename={disk},node-name=file0",
+            "-blockdev", "driver=qcow2,file=file0,node-name=disk0"]
+
+
 def qemu_command(guest: Path, cfg: dict, port: int, qmp: str, disk: Path, smp: int,
                  snapshot: str | None, accel: str = "tcg", ram_mib: int | None = None) -> list[str]:
-    f = cfg["files"]
-    cmd = [QEMU, *ACCELS[accel], "-machine", "pc", "-cpu", "qemu64", "-m", str(ram_mib or cfg["ram_mib"]),
-           "-smp", str(smp), "-display", "none", "-no-reboot", "-nodefaults", "-serial", "none",
-           "-kernel", str(guest / f["kernel"]),
-           "-device", f"loader,file={guest / f['blob']},addr={cfg['blob_base']:#x},force-raw=on",
-           "-blockdev", f"driver=file,filename={disk},node-name=file0",
-           "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
+    cmd = [QEMU, *machine_arguments(guest, cfg, disk, smp, accel, ram_mib),
            "-gdb", f"tcp:127.0.0.1:{port}", "-qmp", f"unix:{qmp},server=on,wait=off"]
     if snapshot:
         cmd += ["-loadvm", snapshot]
