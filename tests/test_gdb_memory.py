@@ -54,9 +54,11 @@ HELPERS = textwrap.dedent(f"""
         else:
             out({{"error": None}})
 
-    def long_read():
+    def long_read(started):
         phys = gdbmemory.GdbPhysical()
         with phys.session():
+            phys.read({PATTERN_PHYS:#x}, 4096)
+            open(started, "w").close()          # the test interrupts once this exists
             end = time.monotonic() + 30
             while time.monotonic() < end:
                 phys.read({PATTERN_PHYS:#x}, 4096)
@@ -113,9 +115,13 @@ def test_physical_mode_is_switched_off_after_an_error(stub_gdb):
 
 
 @pytest.mark.integration
-def test_ctrl_c_in_a_long_read_switches_physical_mode_off(stub_gdb):
-    token = stub_gdb.send('-interpreter-exec console "python h.long_read()"')
-    time.sleep(0.5)
+def test_ctrl_c_in_a_long_read_switches_physical_mode_off(stub_gdb, tmp_path):
+    started_file = tmp_path / "reading"
+    token = stub_gdb.send(f'-interpreter-exec console "python h.long_read(\'{started_file}\')"')
+    deadline = time.monotonic() + 60
+    while not started_file.exists():            # physical mode is on and reads are under way
+        assert time.monotonic() < deadline, "the long read never started"
+        time.sleep(0.02)
     stub_gdb.ctrl_c()
     started = time.monotonic()
     with pytest.raises(MiError) as exc:
