@@ -96,11 +96,24 @@ def declare(command: Command) -> Command:
 # --- reading arguments: the same rules in both front ends -----------------------------------------
 
 def number(text: str) -> int:
-    """Decimal or 0x-hex (never octal: 010 is ten); negative values wrap to 64 bits (-1 = 2**64-1)."""
+    """Decimal or 0x-hex (never octal: 010 is ten), 0 to 2**64-1: nothing wraps (2**64+4 is not 4)."""
     if not NUMBER.fullmatch(text.strip()):
         raise argparse.ArgumentTypeError(f"not a number: {text}")
     text = text.strip()
-    return int(text, 16 if "x" in text.lower() else 10) & MASK64
+    value = int(text, 16 if "x" in text.lower() else 10)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: negative numbers are not allowed here")
+    if value > MASK64:
+        raise argparse.ArgumentTypeError(f"{text}: larger than 64 bits")
+    return value
+
+
+PSEUDO_HANDLES = {"-1": MASK64, "-2": MASK64 - 1}     # NtCurrentProcess(), NtCurrentThread()
+
+
+def handle_value(text: str) -> int:
+    """A handle value: a number, or -1/-2 (the current process/thread pseudo-handles)."""
+    return PSEUDO_HANDLES.get(text.strip()) or number(text)
 
 
 def process(text: str) -> int | str:
@@ -113,7 +126,7 @@ def target(text: str) -> int | str | None:
     return None if text.lower() == "all" else process(text)
 
 
-READERS: dict[Kind, Callable] = {Kind.PROCESS: process, Kind.TARGET: target, Kind.VALUE: number,
+READERS: dict[Kind, Callable] = {Kind.PROCESS: process, Kind.TARGET: target, Kind.VALUE: handle_value,
                                  Kind.NUMBER: number,
                                  Kind.SECONDS: float}
 

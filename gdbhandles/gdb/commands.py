@@ -18,6 +18,7 @@ import gdb
 
 from gdbhandles import commandspec, render
 from gdbhandles.commandspec import Command, Frame, Kind
+from gdbhandles.expressions import UnsafeExpression, check_read_only
 from gdbhandles.errors import Advice, HandleError
 from gdbhandles.gdb import prefix, settings
 from gdbhandles.gdb.session import Session
@@ -69,16 +70,30 @@ class Parser(argparse.ArgumentParser):
         raise gdb.GdbError(f"{self.prog}: {message} ({usage})")
 
 
+def _is_type(name: str) -> bool:
+    try:
+        gdb.lookup_type(name)
+    except gdb.error:
+        return False
+    return True
+
+
 def value(text: str) -> int:
-    """A number as commandspec.number reads it, or else any gdb expression (`$rcx`, `$rsp+8`)."""
+    """A handle value as commandspec reads it, or else a gdb expression that only reads (`$rcx`,
+    `*(long*)($rsp+0x28)`): expressions.py refuses assignments, ++/--, calls before gdb sees them."""
+    if commandspec.NUMBER.fullmatch(text.strip()):
+        return commandspec.handle_value(text)       # out of range is an error, not an expression
     try:
-        return commandspec.number(text)
-    except argparse.ArgumentTypeError:
-        pass
+        check_read_only(text, _is_type)
+    except UnsafeExpression as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
     try:
-        return int(gdb.parse_and_eval(text)) & commandspec.MASK64
+        result = int(gdb.parse_and_eval(text))
     except gdb.error as exc:
         raise argparse.ArgumentTypeError(f"not a number or expression: {text} ({exc})") from None
+    if not -(1 << 63) <= result <= commandspec.MASK64:
+        raise argparse.ArgumentTypeError(f"{text} = {result}: not a 64-bit value")
+    return result & commandspec.MASK64      # a register read as signed (a kernel handle) keeps its bits
 
 
 READERS = {Kind.VALUE: value}
