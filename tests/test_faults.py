@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from boot import booted
+from gdbhandles.automation.mi import Gdb, MiError
+from gdbhandles.automation.qmp import Qmp
 from processes import children, gone, leftovers, wait_until
+from test_qmp_live import attach
 from test_regress_live import machine
+from winguest.cache import guest as cached_guest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +91,82 @@ def test_regress_sigterm(snapshotted, tmp_path):
     assert (run.returncode, err.strip()) == (2, "gdbhandles: stopped by SIGTERM; what it started is stopped")
     assert leftovers(tmp) == [] and not golden.exists()
     gone(started)
+
+
+# --- gdb dies while the VM is paused by auto-pause: the guardian resumes it -----------------------
+
+HOLD_PAUSE = """
+import os
+import time
+import gdb
+from gdbhandles.gdb import paused
+with paused.paused_vm() as q, paused.ram_dump(q):
+    gdb.write(f"IN-PAUSE {q.status()}\\n")
+    gdb.flush()
+    while not os.path.exists(RELEASE):      # a walk that lasts until the test lets it end
+        time.sleep(0.05)
+"""
+
+
+def qemu_status(qmp: str) -> str:
+    with Qmp(qmp, connect_timeout=30) as q:
+        return q.status()
+
+
+def console_until(gdb: Gdb, marker: str, timeout: float = 120) -> None:
+    """Read gdb's output while a command runs, until it prints `marker`."""
+    seen = []
+
+    def arrived() -> bool:
+        seen.extend(str(r.get("payload")) for r in gdb._read(0.05))
+        return marker in "".join(seen)
+    try:
+        wait_until(arrived, timeout, f"{marker!r} from gdb")
+    except AssertionError:
+        raise AssertionError(f"no {marker!r} from gdb; it said {''.join(seen)[-2000:]}") from None
+
+
+@pytest.fixture
+def gdb_in_pause(tmp_path, monkeypatch):
+    """A gdb holding the running guest paused by auto-pause (its RAM dump in TMPDIR)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_PAUSE.replace("RELEASE", repr(str(tmp_path / "release"))))
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=120) as gdb:
+        attach(vm, gdb)
+        gdb.cont()
+        wait_until(lambda: qemu_status(vm.qmp) == "running", what="the guest running")
+        gdb.send(f"-interpreter-exec console \"source {script}\"")
+        console_until(gdb, "IN-PAUSE paused")
+        assert [p.name for p in tmp.iterdir()][0].startswith(f"gdbhandles-dump-{gdb.pid}-")
+        yield vm, gdb, tmp, tmp_path / "release"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name)
+def test_gdb_killed_in_auto_pause_leaves_the_vm_running(gdb_in_pause, sig):
+    vm, gdb, tmp, release = gdb_in_pause
+    helpers = children(gdb.pid)
+    assert any(name.startswith("python") for name in helpers.values()), helpers     # the guardian
+    os.kill(gdb.pid, sig)
+    release.touch()                  # what gdb does next is its own affair: a walk would end now
+    gone([gdb.pid])
+    wait_until(lambda: vm.proc.poll() is not None or qemu_status(vm.qmp) == "running",
+               what="the VM resumed by the guardian")
+    assert vm.proc.poll() is None, "QEMU exited"
+    gone(helpers)
+    wait_until(lambda: leftovers(tmp) == [], what="the RAM dump removed")
+
+
+def test_ctrl_c_in_auto_pause_resumes_through_gdb(gdb_in_pause):
+    vm, gdb, tmp, release = gdb_in_pause
+    helpers = children(gdb.pid)
+    gdb.ctrl_c()
+    result = gdb.result(gdb._token, timeout=60)        # `source` shows the script's traceback
+    assert "KeyboardInterrupt" in result.log and "Task exception" not in result.log
+    gdb.wait_async("running", timeout=60)              # gdb took the stop and resumed
+    wait_until(lambda: gdb.console("handle vmstatus").strip() == "QEMU: running; gdb: running",
+               what="the VM resumed through gdb")
+    gone(helpers)
+    assert leftovers(tmp) == []

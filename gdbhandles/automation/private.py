@@ -16,17 +16,24 @@ __all__ = ["make", "remove_stale"]
 
 
 def _alive(pid: int) -> bool:
+    """Running; a zombie is dead (it only waits for its parent to collect it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
-def remove_stale(prefix: str, directory: str | None = None) -> list[str]:
-    """Remove our `{prefix}{pid}-*` directories whose pid is dead; the paths removed."""
+def remove_stale(prefix: str, directory: str | None = None, owner: int | None = None) -> list[str]:
+    """Remove our `{prefix}{pid}-*` directories whose pid is dead (or is `owner`, who is known
+    to be gone); the paths removed."""
     base = directory or tempfile.gettempdir()
     pattern = re.compile(re.escape(prefix) + r"(\d+)-[^/]+")
     removed = []
@@ -37,7 +44,7 @@ def remove_stale(prefix: str, directory: str | None = None) -> list[str]:
     for name in names:
         match = pattern.fullmatch(name)
         path = os.path.join(base, name)
-        if not match or _alive(int(match.group(1))):
+        if not match or (int(match.group(1)) != owner and _alive(int(match.group(1)))):
             continue
         try:
             info = os.lstat(path)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 
 import gdb
 
+from gdbhandles.automation import private
+from gdbhandles.automation.guardian import DUMP_PREFIX, Guardian
 from gdbhandles.automation.qmp import LOW_RAM_LIMIT, Qmp, QmpError
 from gdbhandles.gdb import settings
 from gdbhandles.windows.memory import DumpFile
@@ -47,13 +48,20 @@ def _show_prompt() -> None:
         gdb.flush()
 
 
+_after_stop: list = []          # what to do once the deferred resume ran (tell the guardian)
+
+
 def _continue_after_stop(event) -> None:
     """gdb has taken the stop our QMP `stop` caused: resume through gdb, once."""
     gdb.events.stop.disconnect(_continue_after_stop)
 
     def resume_and_prompt() -> None:
-        gdb.execute("continue &")
-        _show_prompt()
+        try:
+            gdb.execute("continue &")
+            _show_prompt()
+        finally:
+            while _after_stop:
+                _after_stop.pop()()
     gdb.post_event(resume_and_prompt)
 
 
@@ -67,14 +75,18 @@ def prompt_after_stop() -> None:
     gdb.events.stop.connect(_prompt_after_stop)
 
 
-def resume(q: Qmp) -> None:
+def resume(q: Qmp, then=lambda: None) -> None:
+    """Resume the VM as the rule says; `then()` once the resume is under way."""
     state = gdb_state()
     if state == "none":
         q.cont()
     elif state == "stopped":
         gdb.execute("continue &")
     else:           # gdb still has to take the stop QEMU sent it; resume right after
+        _after_stop.append(then)
         gdb.events.stop.connect(_continue_after_stop)
+        return
+    then()
 
 
 @contextlib.contextmanager
@@ -84,8 +96,7 @@ def ram_dump(q: Qmp):
     if size > LOW_RAM_LIMIT:
         raise QmpError(f"guest RAM of {size >> 20} MiB: auto-pause dumps only guests below "
                        f"{LOW_RAM_LIMIT >> 20} MiB; stop the target in gdb instead")
-    directory = tempfile.mkdtemp(prefix="gdbhandles-")
-    os.chmod(directory, 0o700)
+    directory = private.make(DUMP_PREFIX)      # 0700, named with gdb's pid; dead gdbs' ones removed
     dump = None
     try:
         path = os.path.join(directory, "ram.raw")
@@ -103,15 +114,21 @@ def paused_vm():
     """The VM paused for the time of the block (yields the QMP connection) and resumed after
     (also on error or Ctrl-C) unless it was paused before."""
     q = monitor()
+    guardian = None
     try:
         paused_by_us = q.status() == "running"
         if paused_by_us:
+            guardian = Guardian(q.address)       # resumes the VM if gdb dies before the finally below
             q.stop()
         try:
             yield q
         finally:
             if paused_by_us:
-                resume(q)
+                resume(q, then=guardian.done)
+    except BaseException:
+        if guardian is not None and not _after_stop:
+            guardian.done()         # the pause never began or resume() failed: it must not wait for ever
+        raise
     finally:
         q.close()
 
