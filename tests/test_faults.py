@@ -3,10 +3,14 @@ left running or paused, and no file is left behind."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,8 @@ import pytest
 from boot import booted
 from gdbhandles.automation.mi import Gdb, MiError
 from gdbhandles.automation.qmp import Qmp
-from processes import children, gone, leftovers, wait_until
+from qmp_peers import PEERS, Peer
+from processes import children, gone, leftovers, tcp_listeners, wait_until
 from test_qmp_live import attach
 from test_regress_live import machine
 from winguest.cache import guest as cached_guest
@@ -51,7 +56,7 @@ def run_again_works(base: str, tmp: Path) -> None:
     assert leftovers(tmp) == []
 
 
-STAGES = {"qemu": "qemu-system-x86", "gdb": "gdb"}
+STAGES = {"qemu": "qemu-system-x86", "gdb": "gdb-mi"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -85,7 +90,7 @@ def test_regress_sigterm(snapshotted, tmp_path):
     tmp = tmp_path / "tmp"
     golden = tmp_path / "golden.json"
     run = cli(["regress", "--qemu", snapshotted, "--snapshot", "base", "--expect", str(golden), "--update"], tmp)
-    started = wait_until(lambda: "gdb" in children(run.pid).values() and children(run.pid), what="gdb started")
+    started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb started")
     run.terminate()
     out, err = run.communicate(timeout=120)
     assert (run.returncode, err.strip()) == (2, "gdbhandles: stopped by SIGTERM; what it started is stopped")
@@ -96,6 +101,8 @@ def test_regress_sigterm(snapshotted, tmp_path):
 # --- gdb dies while the VM is paused by auto-pause: the guardian resumes it -----------------------
 
 HOLD_PAUSE = """
+import contextlib
+import json
 import os
 import time
 import gdb
@@ -170,3 +177,167 @@ def test_ctrl_c_in_auto_pause_resumes_through_gdb(gdb_in_pause):
                what="the VM resumed through gdb")
     gone(helpers)
     assert leftovers(tmp) == []
+
+
+def test_run_serves_the_gdbstub_on_a_private_unix_socket(snapshotted, tmp_path):
+    """No TCP port: another local user cannot reach the gdbstub of `gdbhandles run`."""
+    tmp = tmp_path / "tmp"
+    run = cli(["run", "--qemu", snapshotted, "--snapshot", "base", "--", *MANY], tmp)
+    try:
+        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb")
+        qemu = next(pid for pid, name in started.items() if name.startswith("qemu"))
+        command = Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")
+        stub = command[command.index(b"-chardev") + 1].decode()
+        socket_path = Path(stub.split("path=")[1].split(",")[0])
+        assert socket_path.parent.parent == tmp and socket_path.parent.stat().st_mode & 0o777 == 0o700
+        assert b"chardev:gdbstub0" in command and not any(b"tcp:" in arg for arg in command)
+        assert tcp_listeners(qemu) == []
+        run.terminate()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 2 and leftovers(tmp) == []
+
+
+def test_boot_py_gdb_socket_serves_gdb_only_through_the_private_directory():
+    with booted(cached_guest("19041", "default"), gdb_socket=True) as vm:
+        assert vm.port == 0 and tcp_listeners(vm.pid) == []
+        assert Path(vm.gdb).parent.stat().st_mode & 0o777 == 0o700
+        run = subprocess.run([*CLI, "run", "--gdb", vm.gdb, "--qmp", vm.qmp, "--", "ps"], capture_output=True,
+                             text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert [p["pid"] for p in json.loads(run.stdout)][0] == 4
+
+
+# --- the gdbstub goes away in the middle of a walk -------------------------------------------------
+
+class CuttingProxy:
+    """A forwarder between gdb and QEMU's gdbstub that calls `fault()` once `after` more bytes came
+    from QEMU after arm(): the middle of a walk, reached by an event, not by a timer."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.armed_at = None
+        self.passed = 0
+        self.fault = None
+        self.fired = threading.Event()
+        self.sockets = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def arm(self, after: int, fault) -> None:
+        self.fault, self.armed_at = fault, self.passed + after
+
+    def _pump(self, source, sink, from_qemu: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(4096):
+                sink.sendall(data)
+                if from_qemu:
+                    self.passed += len(data)
+                    if self.armed_at is not None and self.passed >= self.armed_at and not self.fired.is_set():
+                        self.fired.set()
+                        self.fault()
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.port))
+            self.sockets = [client, upstream]
+            for source, sink, from_qemu in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, from_qemu), daemon=True).start()
+
+    def drop(self) -> None:
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.drop()
+        self.listener.close()
+
+
+def one_line(exc: MiError) -> str:
+    assert "Traceback" not in exc.log and "\n" not in exc.message.strip(), exc.log
+    return exc.message
+
+
+@pytest.mark.parametrize("fault", ["gdbstub dropped", "QEMU killed"])
+def test_walk_loses_its_target_midway(fault, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=300) as gdb:
+        proxy = CuttingProxy(vm.port)
+        try:
+            gdb.source(str(ROOT / "gdbinit.py"))
+            gdb.connect("127.0.0.1", proxy.listener.getsockname()[1])
+            gdb.console(f"set handle qmp {vm.qmp}")
+            assert gdb.json("handle ps --json")[0]["pid"] == 4        # the path works before the fault
+            proxy.arm(64 << 10, proxy.drop if fault == "gdbstub dropped" else vm.proc.kill)
+            with pytest.raises(MiError) as exc:
+                gdb.console("handle walk all --json", timeout=300)
+            assert proxy.fired.is_set()
+            one_line(exc.value)
+            for command in ("handle ps", "handle walk 4", "handle lookup 4 4", "handle info"):
+                with pytest.raises(MiError) as exc:         # gdb answers, with one line
+                    gdb.console(command, timeout=60)
+                one_line(exc.value)
+            assert "GNU gdb" in gdb.console("show version")
+        finally:
+            proxy.close()
+        if fault == "QEMU killed":
+            vm.proc.wait()
+        else:
+            assert qemu_status(vm.qmp) in ("paused", "debug", "running")
+    assert leftovers(tmp_path) == []
+
+
+# --- hostile QMP peers behind gdb's handle commands and the CLI ------------------------------------
+
+GDB_QMP_COMMANDS = ["handle vmstatus", "handle pause", "handle resume"]
+
+
+@pytest.mark.parametrize("peer", ["silent", "greets_then_silent", "echoes", "capabilities_only", "hangs_up",
+                                  "nonsense"])
+def test_hostile_qmp_peer_in_gdb_is_one_line(peer, tmp_path):
+    """Each step has a time limit (5 s connect, 10 s per command): no command blocks for ever."""
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=120) as gdb, \
+            Peer(tmp_path / "qmp.sock", PEERS[peer]):
+        attach(vm, gdb)
+        gdb.console(f"set handle qmp {tmp_path / 'qmp.sock'}")
+        for command in GDB_QMP_COMMANDS:
+            with pytest.raises(MiError) as exc:
+                gdb.console(command, timeout=60)
+            assert "QMP" in one_line(exc.value) or "qmp" in exc.value.message
+        gdb.cont()                                     # a running target: auto-pause goes through QMP
+        gdb.console("set handle auto-pause on")
+        with pytest.raises(MiError) as exc:
+            gdb.console("handle walk 4", timeout=60)
+        one_line(exc.value)
+        gdb.interrupt()
+        assert gdb.json("handle ps --json")[0]["pid"] == 4          # gdb is still usable
+
+
+def test_ctrl_c_while_qmp_peer_is_silent(tmp_path):
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=120) as gdb, \
+            Peer(tmp_path / "qmp.sock", PEERS["silent"]) as peer:
+        attach(vm, gdb)
+        gdb.console(f"set handle qmp {tmp_path / 'qmp.sock'}")
+        token = gdb.send('-interpreter-exec console "handle vmstatus"')
+        wait_until(peer.connected.is_set, what="gdb waiting for the greeting")
+        gdb.ctrl_c()
+        with pytest.raises(MiError) as exc:
+            gdb.result(token, timeout=60)
+        assert exc.value.message == "Quit" and "Task exception" not in exc.value.log and "Traceback" not in exc.value.log
+        assert gdb.console("handle version")
+
+
+@pytest.mark.parametrize("peer", ["silent", "capabilities_only"])
+def test_snapshot_against_a_hostile_peer_exits_2(peer, tmp_path):
+    with Peer(tmp_path / "qmp.sock", PEERS[peer]):
+        run = subprocess.run([*CLI, "snapshot", "--qmp", str(tmp_path / "qmp.sock"), "--name", "x"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "QMP" in run.stderr

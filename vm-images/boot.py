@@ -87,6 +87,7 @@ class Booted:
     pid: int
     proc: subprocess.Popen
     disk: Path
+    gdb: str = ""            # what gdb's `target remote` takes: the socket path or 127.0.0.1:PORT
 
 
 ACCELS = {"tcg": ["-accel", "tcg"], "kvm": ["-accel", "kvm"],
@@ -105,10 +106,17 @@ def machine_arguments(guest: Path, cfg: dict, disk: Path, smp: int, accel: str =
             "-blockdev", "driver=qcow2,file=file0,node-name=disk0"]
 
 
-def qemu_command(guest: Path, cfg: dict, port: int, qmp: str, disk: Path, smp: int,
+def gdbstub_options(where: int | str) -> list[str]:
+    """A TCP port on 127.0.0.1, or (a path) a unix socket only its owner's directory lets in."""
+    if isinstance(where, str):
+        return ["-chardev", f"socket,id=gdbstub0,path={where},server=on,wait=off", "-gdb", "chardev:gdbstub0"]
+    return ["-gdb", f"tcp:127.0.0.1:{where}"]
+
+
+def qemu_command(guest: Path, cfg: dict, port: int | str, qmp: str, disk: Path, smp: int,
                  snapshot: str | None, accel: str = "tcg", ram_mib: int | None = None) -> list[str]:
     cmd = [QEMU, *machine_arguments(guest, cfg, disk, smp, accel, ram_mib),
-           "-gdb", f"tcp:127.0.0.1:{port}", "-qmp", f"unix:{qmp},server=on,wait=off"]
+           *gdbstub_options(port), "-qmp", f"unix:{qmp},server=on,wait=off"]
     if snapshot:
         cmd += ["-loadvm", snapshot]
     return cmd
@@ -136,9 +144,11 @@ def steady(states: list[tuple[int, int]], cfg: dict) -> bool:
 @contextlib.contextmanager
 def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
            snapshot: str | None = None, smp: int | None = None, disk: Path | None = None,
-           timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None, scratch: bool = True):
+           timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None, scratch: bool = True,
+           gdb_socket: bool = False):
     """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc, disk).
     `ram_mib` gives the guest more RAM than it was built with (TCG allocates untouched RAM lazily).
+    `gdb_socket`: the gdbstub on a unix socket in the private 0700 directory instead of TCP.
 
     The disk is `disk` if given, else with `scratch` (the default here, so that tests can boot one
     cached guest several times at once: QEMU locks its disk images) a private copy of the guest's
@@ -150,7 +160,7 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
     proc = None
     q = None
     try:
-        port = gdb_port or free_port()
+        port = str(tmp / "gdb.sock") if gdb_socket else gdb_port or free_port()
         qmp_path = qmp or str(tmp / "qmp.sock")
         if disk is None:
             disk = guest / cfg["files"]["disk"]
@@ -174,7 +184,8 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
             time.sleep(0.02)
         q.close()
         q = None
-        yield Booted(port, qmp_path, proc.pid, proc, Path(disk))
+        yield Booted(0 if gdb_socket else port, qmp_path, proc.pid, proc, Path(disk),
+                     port if gdb_socket else f"127.0.0.1:{port}")
     finally:
         if q is not None:
             q.close()
@@ -198,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("dir", type=Path, help="a guest written by build.py (guest.json, loader.bin, memory.bin, ...)")
     ap.add_argument("--gdb-port", type=int, metavar="P",
                     help="gdbstub port on 127.0.0.1 (default: a free one, printed as `gdb-port P`)")
+    ap.add_argument("--gdb-socket", action="store_true",
+                    help="serve the gdbstub on a unix socket in a private directory (printed as `gdb-socket "
+                         "PATH`; gdb: target remote PATH) instead of TCP on 127.0.0.1")
     ap.add_argument("--qmp", metavar="PATH", help="QMP unix socket (default: qmp.sock in a private 0700 directory)")
     ap.add_argument("--snapshot", metavar="NAME", help="start from this snapshot of the disk (QEMU -loadvm)")
     ap.add_argument("--scratch", action="store_true",
@@ -222,8 +236,9 @@ def main() -> int:
     signal.signal(signal.SIGHUP, stop)
     try:
         with booted(a.dir, gdb_port=a.gdb_port, qmp=a.qmp, snapshot=a.snapshot, smp=a.smp,
-                    timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib, scratch=a.scratch) as b:
-            print(f"gdb-port {b.port}", flush=True)
+                    timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib, scratch=a.scratch,
+                    gdb_socket=a.gdb_socket) as b:
+            print(f"gdb-socket {b.gdb}" if a.gdb_socket else f"gdb-port {b.port}", flush=True)
             print(f"qmp {b.qmp}", flush=True)
             print(f"disk {b.disk}" + (" (scratch copy, removed at exit)" if a.scratch else ""), flush=True)
             b.proc.wait()

@@ -190,10 +190,11 @@ class Gdb:
         self._read(0)
         self.backlog.clear()
 
-    def connect(self, host: str, port: int, timeout: float | None = None) -> None:
-        """`target remote HOST:PORT`; returns once the initial stop has been reported."""
+    def connect(self, host: str, port: int | None = None, timeout: float | None = None) -> None:
+        """`target remote HOST:PORT`, or `target remote PATH` of a unix socket (port None);
+        returns once the initial stop has been reported."""
         self.mi("-gdb-set architecture i386:x86-64")
-        self.mi(f"-target-select remote {host}:{port}", timeout)
+        self.mi(f"-target-select remote {host if port is None else f'{host}:{port}'}", timeout)
         self.wait_async("stopped", timeout)
         self.drain()
 

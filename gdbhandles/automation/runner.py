@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT = 20.0
 RUN_PREFIX = "gdbhandles-run-"
+UNIX_SOCKET_GDB = 10            # gdb major version from which `target remote PATH` takes a unix socket
 PR_SET_PDEATHSIG = 1
 RESERVED = ("-gdb", "-s", "-qmp", "-S", "-loadvm", "-daemonize")
 
@@ -39,7 +42,7 @@ class RunError(HandleError):
 
 @dataclass
 class Vm:
-    port: int
+    gdb: str            # what gdb's `target remote` takes: a unix socket path, or 127.0.0.1:PORT
     qmp: str
     proc: subprocess.Popen | None
 
@@ -67,23 +70,43 @@ def qemu(args: list[str], snapshot: str | None = None, paused: bool = False):
     """QEMU running the user's machine; yields Vm. `paused`: stopped before the first instruction
     (with `snapshot`: at the snapshot's state)."""
     directory = private.make(RUN_PREFIX)
-    qmp_path = os.path.join(directory, "qmp.sock")
-    port = free_port()
-    command = [QEMU, *args, "-gdb", f"tcp:127.0.0.1:{port}", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    command += (["-loadvm", snapshot] if snapshot else []) + (["-S"] if paused else [])
     proc = None
     try:
+        qmp_path = os.path.join(directory, "qmp.sock")
+        stub, gdb_target = gdbstub(directory)
+        command = [QEMU, *args, *stub, "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        command += (["-loadvm", snapshot] if snapshot else []) + (["-S"] if paused else [])
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, preexec_fn=_child_of_ours)
         except OSError as exc:
             raise RunError(f"cannot start {QEMU}: {exc.strerror}") from None
         _wait_ready(proc, qmp_path)
-        yield Vm(port, qmp_path, proc)
+        yield Vm(gdb_target, qmp_path, proc)
     finally:
         if proc is not None:
-            _stop(proc, qmp_path)
+            _stop(proc, os.path.join(directory, "qmp.sock"))
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def gdbstub(directory: str) -> tuple[list[str], str]:
+    """QEMU's gdbstub options and gdb's address for it. A unix socket in our 0700 directory, which
+    no other local user can reach (a TCP port on 127.0.0.1 serves whichever local process connects
+    first), when gdb can use one (`target remote PATH`, measured with gdb 13); else TCP."""
+    if _gdb_major() >= UNIX_SOCKET_GDB:
+        path = os.path.join(directory, "gdb.sock")
+        return ["-chardev", f"socket,id=gdbstub0,path={path},server=on,wait=off", "-gdb", "chardev:gdbstub0"], path
+    port = free_port()
+    return ["-gdb", f"tcp:127.0.0.1:{port}"], f"127.0.0.1:{port}"
+
+
+def _gdb_major() -> int:
+    try:
+        first = subprocess.run(["gdb", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    match = re.search(r"(\d+)\.\d+", first.splitlines()[0] if first else "")
+    return int(match.group(1)) if match else 0
 
 
 def _child_of_ours() -> None:
@@ -126,7 +149,7 @@ def _stop(proc: subprocess.Popen, qmp_path: str) -> None:
         proc.stderr.close()
 
 
-def attached(host: str, port: int, qmp: str | None):
+def attached(address: str, qmp: str | None):
     """A gdb with the extension, attached to the gdbstub (and told the QMP socket)."""
     try:
         gdb = Gdb(timeout=600)
@@ -135,12 +158,12 @@ def attached(host: str, port: int, qmp: str | None):
     try:
         gdb.source(str(GDBINIT))
         gdb.console("set tcp auto-retry off")     # a refused connection fails now, not after 15 s
-        gdb.connect(host, port, timeout=START_TIMEOUT)
+        gdb.connect(address, timeout=START_TIMEOUT)
         if qmp:
             gdb.console(f"set handle qmp {qmp}")
     except MiError as exc:
         gdb.close()
-        raise RunError(f"gdb could not attach to {host}:{port}: {exc.message}") from None
+        raise RunError(f"gdb could not attach to {address}: {exc.message}") from None
     except BaseException:                   # Ctrl-C, SIGTERM: gdb goes too
         gdb.close()
         raise
@@ -187,11 +210,17 @@ def run_commands(gdb: Gdb, commands: list[str]) -> list:
     return out
 
 
-def gdb_address(text: str) -> tuple[str, int]:
+def gdb_address(text: str) -> str:
+    """--gdb: 127.0.0.1:PORT, or the path of QEMU's gdbstub unix socket."""
+    if os.path.exists(text):
+        if not stat.S_ISSOCK(os.stat(text).st_mode):
+            raise RunError(f"--gdb {text}: not a socket")
+        return text
     host, _, port = text.rpartition(":")
     if host not in ("127.0.0.1", "localhost") or not port.isdigit():
-        raise RunError(f"--gdb {text}: use 127.0.0.1:PORT (QEMU's gdbstub listens on 127.0.0.1 only)")
-    return host, int(port)
+        raise RunError(f"--gdb {text}: use 127.0.0.1:PORT or a unix socket path (QEMU's gdbstub listens on "
+                       "127.0.0.1 only)")
+    return text
 
 
 @contextlib.contextmanager
@@ -202,11 +231,11 @@ def session(qemu_text: str | None, snapshot: str | None, gdb_at: str | None, qmp
     if gdb_at:
         if qemu_text:
             raise RunError("give either --qemu or --gdb, not both")
-        host, port = gdb_address(gdb_at)
+        address = gdb_address(gdb_at)
         if qmp:
             with Qmp(qmp) as q:                   # a wrong socket is one line now, not a late surprise
                 q.status()
-        with attached(host, port, qmp) as gdb:
+        with attached(address, qmp) as gdb:
             yield gdb
         return
     if qmp:
@@ -219,7 +248,7 @@ def session(qemu_text: str | None, snapshot: str | None, gdb_at: str | None, qmp
                        "Windows kernel runs (save one from the booted machine: gdbhandles snapshot --qemu ARGS "
                        "--name NAME)")
     with qemu(machine, snapshot, paused=True) as vm, \
-            attached("127.0.0.1", vm.port, vm.qmp) as gdb:
+            attached(vm.gdb, vm.qmp) as gdb:
         yield gdb
 
 
