@@ -341,3 +341,31 @@ def test_snapshot_against_a_hostile_peer_exits_2(peer, tmp_path):
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert "QMP" in run.stderr
+
+
+def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch):
+    """Ctrl-C while QEMU writes the RAM dump (a 1 GiB guest: the pmemsave lasts a while): no asyncio
+    traceback, no dump, no guardian left, QEMU and gdb in step."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    script = tmp_path / "dump.py"
+    script.write_text("from gdbhandles.gdb import paused\n"
+                      "with paused.paused_vm() as q, paused.ram_dump(q):\n    pass\n")
+    with booted(cached_guest("19041", "default"), ram_mib=1024) as vm, Gdb(timeout=120) as gdb:
+        attach(vm, gdb)
+        gdb.cont()
+        wait_until(lambda: qemu_status(vm.qmp) == "running", what="the guest running")
+        token = gdb.send(f'-interpreter-exec console "source {script}"')
+        wait_until(lambda: list(tmp.glob("gdbhandles-dump-*/ram.raw")), what="QEMU writing the dump")
+        helpers = children(gdb.pid)
+        gdb.ctrl_c()
+        result = gdb.result(token, timeout=120)
+        assert "Task exception" not in result.log
+        # gdb also turns this Ctrl-C into an interrupt of the target it believes running: a second
+        # SIGINT stop that can land after our resume (measured: QEMU paused, gdb stopped). Either way
+        # QEMU and gdb agree, and nothing of the pause is left.
+        in_step = ("QEMU: running; gdb: running", "QEMU: paused; gdb: stopped")
+        wait_until(lambda: gdb.console("handle vmstatus").strip().splitlines()[-1] in in_step, what="in step")
+        gone(helpers)
+        assert leftovers(tmp) == []
