@@ -198,6 +198,9 @@ def test_every_encoding_is_drawn_and_read():
         assert first(disasm.constant_loads(get_type, 1)) == [BASE + image.symbols["ObHeaderCookie"]]
         assert first(disasm.indexed_tables(get_type, 8)) == [BASE + image.symbols["ObTypeIndexTable"]]
         drawn.update(f"{k}={v}" for k, v in image.code_forms.items())
+    shared = {form for form in drawn if form.endswith("+shared-epilogue")}
+    assert {form.split("=")[0] for form in shared} == {"PspCidTable", "ObpKernelHandleTable"}
+    drawn |= {form.removesuffix("+shared-epilogue") for form in shared}
     wanted = {f"ObGetObjectType={form}{chunk}" for form in COOKIE_FORMS for chunk in ("", "+chunk")}
     wanted |= {f"PspCidTable={form}" for form in ("rip", "copy", "lea", "rip+decoy", "copy+decoy", "lea+decoy",
                                                    "worker")}

@@ -92,6 +92,16 @@ def _saving_rbx_rsi(frame: int, rsi: bool = True) -> tuple[str, str]:
     ret""")
 
 
+def _epilogue(f: dict, forms: dict, what: str, name: str, leave: str, rng: random.Random | None) -> str:
+    """The function's own epilogue, or (a drawn variant) a jump to one shared by functions with the
+    same frame, as the compiler's epilogue folding does."""
+    if rng is None or rng.random() < 0.6:
+        return leave
+    f[name] = leave
+    forms[what] += "+shared-epilogue"
+    return "\n    jmp {" + name + "}"
+
+
 def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = None,
                forms: dict[str, str] | None = None) -> dict[str, str]:
     """nasm source of every function; with `rng`, the exported ones the tools disassemble in
@@ -179,7 +189,7 @@ def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = 
 .invalid:
     mov eax, 0C000000Bh                  ; STATUS_INVALID_CID
 .done:
-    inc word [rbx + {apc_disable:#x}]""" + leave
+    inc word [rbx + {apc_disable:#x}]""" + _epilogue(f, forms, "PspCidTable", "KiEpilogueRbxRsi20", leave, rng)
     if rng:
         chosen, forms["ObGetObjectType"] = variants.ob_get_object_type(rng, cookie)
         f.update(chosen)
@@ -235,7 +245,7 @@ def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = 
     jmp .done
 .invalid:
     mov eax, 0C0000008h                  ; STATUS_INVALID_HANDLE
-.done:""" + leave
+.done:""" + _epilogue(f, forms, "ObpKernelHandleTable", "KiEpilogueRbxRsi30", leave, rng)
     if win8:
         f["ObReferenceObjectByHandle"] = """
     sub rsp, 48h
