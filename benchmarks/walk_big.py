@@ -4,7 +4,9 @@ Runs the engine on the guest's memory.raw through a backend that counts what QEM
 gdbstub would be asked for, and prices each read with the measured stub cost
 (~0.06 ms per round trip + ~0.23 ms per 2 KiB, notes/qemu-gdbstub-qmp-facts.md).
 With --lines it repeats the walk for several cache line sizes, the figure the
-line size of memory.py was chosen by.
+line size of memory.py was chosen by. It then compares the bytes of a full walk with
+those of `--type Process` (filters before names), read from the dump (no round-trip
+cost) and as gdbstub reads (where a round trip is worth ~512 bytes).
 
     .venv/bin/python benchmarks/walk_big.py [--profile 19041] [--scenario big] [--lines]
 """
@@ -29,6 +31,8 @@ TRIP_MS, PER_2K_MS = 0.06, 0.23
 class StubPriced:
     """A DumpFile whose reads are also priced as gdbstub round trips."""
 
+    round_trip_bytes = 512
+
     def __init__(self, dump: DumpFile):
         self.dump = dump
         self.size = dump.size
@@ -50,6 +54,24 @@ def measure(path: Path) -> dict:
     return {"processes": processes, "handles": count, "requests": stats.reads, "round_trips": stats.round_trips,
             "bytes": stats.bytes, "cache_hits": stats.cache_hits, "cpu_s": time.perf_counter() - started,
             "stub_ms": backend.milliseconds, "discovery_stub_ms": opened}
+
+
+def walk_bytes(backend, **filters) -> tuple[int, int, int]:
+    """(handles, bytes, round trips) of one walk alone, on a fresh engine (after ps)."""
+    windows = Windows.open(backend)
+    windows.processes()
+    stats = windows.kernel.phys.stats
+    bytes_before, trips_before = stats.bytes, stats.round_trips
+    count = sum(1 for _ in windows.walk(**filters))
+    return count, stats.bytes - bytes_before, stats.round_trips - trips_before
+
+
+def compare_filtered(path: Path) -> None:
+    for label, make in (("dump", lambda: DumpFile(path)), ("gdbstub-priced", lambda: StubPriced(DumpFile(path)))):
+        full = walk_bytes(make())
+        only = walk_bytes(make(), type="Process")
+        print(f"  {label}: full walk {full[0]} handles, {full[1]} bytes, {full[2]} round trips; "
+              f"--type Process {only[0]} handles, {only[1]} bytes ({only[1] / full[1]:.0%}), {only[2]} round trips")
 
 
 def main() -> None:
@@ -76,6 +98,7 @@ def main() -> None:
         print(f"  one round trip per request instead: {naive_ms / 1000:.1f} s priced, "
               f"{naive_ms / m['stub_ms']:.1f}x the batched, cached walk; {m['requests'] / m['round_trips']:.0f}x "
               f"the round trips")
+    compare_filtered(path)
 
 
 if __name__ == "__main__":

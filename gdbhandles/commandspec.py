@@ -24,11 +24,11 @@ from typing import Callable
 
 from gdbhandles import queries, render, render_queries
 from gdbhandles.errors import HandleError
+from gdbhandles.windows.memory import MASK64
 
 __all__ = ["Kind", "Argument", "Command", "Frame", "Output", "COMMANDS", "declare", "number", "process",
            "add_arguments", "help_text", "deliver", "write_atomically"]
 
-MASK64 = (1 << 64) - 1
 NUMBER = re.compile(r"-?(0[xX][0-9a-fA-F]+|[0-9]+)")
 
 

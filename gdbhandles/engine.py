@@ -1,35 +1,60 @@
 """The facade every front end uses: Windows.open(phys, registers) → processes, walk, lookup, info.
 
-`phys` is any physical reader (`read(paddr, size) -> bytes`); `registers` is one dict per
-vCPU (rip, cs, cr3, gs_base, k_gs_base …), the selected vCPU first, or None offline.
+`phys` is any physical backend (`windows.memory.PhysicalBackend`); `registers` is one dict
+per vCPU (rip, cs, cr3, gs_base, k_gs_base …), the selected vCPU first, or None offline.
+A walk decodes entry, header and type first, applies the pid and type filters, and reads
+names only for the handles that are left (the name filter last): names are most of the
+bytes a walk reads.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from gdbhandles.windows import access, discovery, kernel as kernel_module
-from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProcessNotFound, UnknownType
-from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
-from gdbhandles.windows.memory import PhysicalMemory
-from gdbhandles.windows.objects import Objects
-from gdbhandles.windows.eprocess import Process, active_processes, read_process
+from gdbhandles.errors import (BadHandle, HandleError, NoHandleTable, ProcessNotFound, ProfileError,
+                               UnknownType)
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
+from gdbhandles.windows import access, discovery, kernel as kernel_module
+from gdbhandles.windows.eprocess import Process, active_processes, image_path, read_process
+from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
+from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
+from gdbhandles.windows.memory import MASK64, PhysicalMemory
+from gdbhandles.windows.names import Names
+from gdbhandles.windows.object_header import Header, Headers
 
-MASK64 = (1 << 64) - 1
+__all__ = ["Windows", "Progress"]
+
 CURRENT_PROCESS, CURRENT_THREAD = MASK64, MASK64 - 1
 KERNEL_HANDLE_BIT = 0x80000000
-SYSTEM_PID = 4
 UNTYPED_MIN, UNTYPED_SHARE = 8, 20      # warn from 8 untyped objects and more than 1 in 20
 STATUS_TEXT = {
-    "free": "is free (closed; its entry holds no object)",
-    "never_allocated": "was never allocated",
-    "past_end": "is past the end of the table",
-    "first_slot": "is the first slot of a table page, never a handle",
+    LookupStatus.FREE: "is free (closed; its entry holds no object)",
+    LookupStatus.NEVER_ALLOCATED: "was never allocated",
+    LookupStatus.PAST_END: "is past the end of the table",
+    LookupStatus.FIRST_SLOT: "is the first slot of a table page, never a handle",
 }
 
 Progress = Callable[[str], None]
+Report = Callable[[WalkWarning], None]
+
+
+@dataclass
+class _Walk:
+    """One walk's filters and where its warnings go (each layout gap said once per walk)."""
+    report: Report
+    type: str | None
+    name: str | None
+    header: int | None = None            # only entries pointing to this object header
+    said: set[str] = field(default_factory=set)
+    decoded: int = 0                     # headers read, and how many of them named no known type
+    untyped: int = 0
+
+    def once(self, message: str) -> None:
+        if message not in self.said:
+            self.said.add(message)
+            self.report(WalkWarning(None, None, message))
 
 
 class Windows:
@@ -38,9 +63,12 @@ class Windows:
     def __init__(self, kernel: kernel_module.Kernel, registers: list[dict]):
         self.kernel = kernel
         self.registers = registers
-        self.objects = Objects(kernel)
-        self.format = EntryFormat(kernel)
+        self.headers = Headers(kernel)
+        self.names = Names(kernel, self.headers, lambda eprocess: self.process_at(eprocess).label)
         self.warnings: list[WalkWarning] = []
+        self._list: list[Process] | None = None
+        self._by_eprocess: dict[int, Process] = {}
+        self._notes: list[WalkWarning] = []      # what reading the process list met
 
     @classmethod
     def open(cls, phys, registers: list[dict] | None = None, dtb: int | None = None,
@@ -57,14 +85,46 @@ class Windows:
     # --- processes -------------------------------------------------------------------------
 
     def _processes(self) -> list[Process]:
-        return active_processes(self.kernel)
+        """The active process list with full image names, read once."""
+        if self._list is None:
+            self._list = [self._with_path(p) for p in active_processes(self.kernel)]
+            self._by_eprocess.update((p.eprocess, p) for p in self._list)
+            self.warnings.extend(self._notes)
+        return self._list
+
+    def _note(self, warning: WalkWarning) -> None:
+        if all(str(w) != str(warning) for w in self._notes):
+            self._notes.append(warning)
+
+    def _with_path(self, process: Process) -> Process:
+        """The process with its full image path, or as it is with a note saying why not."""
+        try:
+            path = image_path(self.kernel, process)
+        except ProfileError as exc:
+            self._note(WalkWarning(None, None, f"full image names unknown ({exc}); process names are "
+                                               "the 15-byte ImageFileName"))
+            return process
+        except HandleError as exc:
+            self._note(WalkWarning(process.pid, process.image_file_name,
+                                   f"full image name unreadable ({exc}); showing ImageFileName"))
+            return process
+        return replace(process, image_path=path) if path else process
+
+    def process_at(self, eprocess: int) -> Process:
+        """The process of the _EPROCESS at `eprocess` with its full name, also one no longer
+        on the list."""
+        self._processes()
+        process = self._by_eprocess.get(eprocess)
+        if process is None:
+            process = self._by_eprocess[eprocess] = self._with_path(read_process(self.kernel, eprocess))
+        return process
 
     def _select(self, target: int | str | None) -> list[Process]:
         processes = self._processes()
         if target is None:
             return processes
         if isinstance(target, str):
-            chosen = [p for p in processes if p.name.lower() == target.lower()]
+            chosen = _by_name(processes, target)
         else:
             chosen = [p for p in processes if p.pid == target]
         if not chosen:
@@ -76,74 +136,73 @@ class Windows:
         chosen = self._select(target)
         if len(chosen) > 1:
             pids = ", ".join(str(p.pid) for p in chosen)
-            raise ProcessNotFound(f"{len(chosen)} processes are named {target} (pids {pids}): give a pid")
+            raise ProcessNotFound(f"{len(chosen)} processes are named {chosen[0].name} (pids {pids}): give a pid")
         return chosen[0]
 
+    def _table(self, address: int) -> HandleTable:
+        return HandleTable(self.kernel.space, self.kernel.layout, address)
+
     def processes(self) -> list[ProcessRecord]:
-        records = []
-        for process in self._processes():
-            code = level = bound = count = 0
-            level = None
-            if process.table:
-                try:
-                    table = HandleTable(self.kernel, process.table, self.format)
-                    code, level, bound = table.table_code, table.levels, table.next_handle_needing_pool
-                    count = table.count()
-                except HandleError as exc:
-                    self.warnings.append(WalkWarning(process.pid, process.name, str(exc)))
-            records.append(ProcessRecord(process.pid, process.name, process.eprocess, process.dtb,
-                                         process.table, code, level, bound, count))
-        return records
+        return [self._process_record(p) for p in self._processes()]
+
+    def _process_record(self, process: Process) -> ProcessRecord:
+        code = bound = count = 0
+        level = None
+        if process.table:
+            try:
+                table = self._table(process.table)
+                code, level, bound = table.table_code, table.levels, table.next_handle_needing_pool
+                count = table.count()
+            except HandleError as exc:
+                self.warnings.append(WalkWarning(process.pid, process.name, str(exc)))
+        return ProcessRecord(process.pid, process.name, process.eprocess, process.dtb, process.table, code,
+                             level, bound, count, process.image_file_name, process.image_path)
 
     # --- walk ------------------------------------------------------------------------------
 
     def walk(self, target: int | str | None = None, type: str | None = None, name: str | None = None,
-             progress: Progress | None = None,
-             warn: Callable[[WalkWarning], None] | None = None,
+             progress: Progress | None = None, warn: Report | None = None,
              object: int | None = None) -> Iterator[HandleRecord]:
-        """Every handle of one process (pid or image name) or of all, in list and handle order.
-        `object` (a body address) keeps only the entries pointing to it, before any decoding.
-        Unreadable pages and bad entries become warnings (`warn` or `self.warnings`)."""
-        report = warn or self.warnings.append
+        """Every handle of one process (pid, image name or a unique prefix of it) or of all, in
+        list and handle order. `object` (a body address) keeps only the entries pointing to it,
+        before any decoding. Unreadable pages and bad entries become warnings (`warn` or
+        `self.warnings`)."""
         chosen = self._select(target)
         if target is not None and len(chosen) == 1 and not chosen[0].table:
             raise NoHandleTable(_no_table(chosen[0]))
-        wanted_type = self._type_name(type).lower() if type else None
-        wanted_name = name.lower() if name else None
-        wanted_header = None if object is None else object - self.objects.body_offset
-        total, decoded, untyped = 0, 0, 0
+        for note in self._notes if warn else ():
+            warn(note)
+        walk = _Walk(warn or self.warnings.append, self._type_name(type).lower() if type else None,
+                     name.lower() if name else None,
+                     None if object is None else object - self.headers.struct.body_offset())
+        total = 0
         for number, process in enumerate(chosen, 1):
             if progress:
-                progress(f"process {number}/{len(chosen)}: {process.name}({process.pid}), {total} handles so far")
-            if not process.table:
-                continue
-            try:
-                table = HandleTable(self.kernel, process.table, self.format)
-            except HandleError as exc:
-                report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
-                continue
-            for page in table.pages():
-                if wanted_header is not None:
-                    page = [e for e in page if isinstance(e, Problem) or e.header == wanted_header]
-                used = [e for e in page if isinstance(e, Entry) and e.header is not None]
-                self.objects.prefetch([e.header for e in used])
-                for item in page:
-                    if isinstance(item, Problem):
-                        report(WalkWarning(process.pid, process.name, item.message, item.handle))
-                        continue
-                    if item.header is None:
-                        continue
-                    record = self._record(process, item, report)
-                    if record is None:
-                        continue
-                    decoded, untyped = decoded + 1, untyped + (record.type is None)
-                    if wanted_type and (record.type or "").lower() != wanted_type:
-                        continue
-                    if wanted_name and wanted_name not in (record.name or "").lower():
-                        continue
-                    total += 1
+                progress(f"process {number}/{len(chosen)}: {process.label}, {total} handles so far")
+            for record in self._walk_process(process, walk):
+                total += 1
+                yield record
+        self._untyped_share(walk.decoded, walk.untyped, walk.report)
+
+    def _walk_process(self, process: Process, walk: _Walk) -> Iterator[HandleRecord]:
+        if not process.table:
+            return
+        try:
+            table = self._table(process.table)
+        except HandleError as exc:
+            walk.report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
+            return
+        for page in table.pages():
+            survivors = self._survivors(process, page, walk)
+            self.names.prefetch([header for _, header in survivors])
+            for entry, header in survivors:
+                problems = [] if header.type is not None else [
+                    f"type: TypeIndex of header {header.header:#x} names no object type of this kernel"]
+                record = HandleRecord(process.pid, process.name, entry.handle, header.body, header.type,
+                                      self._name(process, entry.handle, header, walk), entry.granted_access,
+                                      entry.attributes, problems)
+                if walk.name is None or walk.name in (record.name or "").lower():
                     yield record
-        self._untyped_share(decoded, untyped, report)
 
     def _untyped_share(self, decoded: int, untyped: int, report) -> None:
         """One line when more than a small share of the walk's objects have no known type: then the
@@ -152,17 +211,48 @@ class Windows:
             return
         failed = [c.name for c in self.kernel.checks if not c.passed]
         why = f"failed checks: {'; '.join(failed)}" if failed else "all discovery checks passed"
-        report(WalkWarning(0, "walk", f"{untyped} of {decoded} handles decode to no known object type: the header "
+        report(WalkWarning(None, None, f"{untyped} of {decoded} handles decode to no known object type: the header "
                                       f"cookie or the structure layout does not fit this kernel ({why}); supply "
                                       "this kernel's volatility3 ISF as the profile (set handle profile FILE, "
                                       "CLI: --profile FILE)"))
+
+    def _survivors(self, process: Process, page: list, walk: _Walk) -> list[tuple[Entry, Header]]:
+        """The page's in-use entries whose object header is readable and of the wanted type."""
+        used = [e for e in page if isinstance(e, Entry) and e.header is not None
+                and (walk.header is None or e.header == walk.header)]
+        self.headers.prefetch([e.header for e in used], fine=walk.type is not None)
+        for problem in (p for p in page if isinstance(p, Problem)):
+            walk.report(WalkWarning(process.pid, process.name, problem.message, problem.handle))
+        out = []
+        for entry in used:
+            try:
+                header = self.headers.read(entry.header)
+            except HandleError as exc:
+                walk.report(WalkWarning(process.pid, process.name, f"object header {entry.header:#x}: {exc}",
+                                        entry.handle))
+                continue
+            walk.decoded, walk.untyped = walk.decoded + 1, walk.untyped + (header.type is None)
+            if walk.type is None or (header.type or "").lower() == walk.type:
+                out.append((entry, header))
+        return out
+
+    def _name(self, process: Process, handle: int, header: Header, walk: _Walk) -> str | None:
+        """The object's name; a layout gap or unreadable name is a warning and None."""
+        try:
+            return self.names.name(header)
+        except ProfileError as exc:
+            walk.once(f"{header.type} names unknown: {exc}")
+        except HandleError as exc:
+            walk.report(WalkWarning(process.pid, process.name, f"name of {header.type} object "
+                                                               f"{header.body:#x} unreadable: {exc}", handle))
+        return None
 
     def type_names(self) -> list[str]:
         """The object type names of this kernel, in ObTypeIndexTable order (index 2 on; the table
         holds at most 256 entries and ends at the first NULL)."""
         names = []
         for index in range(2, 256):
-            name = self.objects.type_of_index(index)
+            name = self.headers.type_of_index(index)
             if name is None:
                 break
             names.append(name)
@@ -175,18 +265,6 @@ class Windows:
                 return name
         raise UnknownType(f"unknown object type {wanted!r}; this guest's types: {', '.join(sorted(names))}")
 
-    def _record(self, process: Process, entry: Entry, report) -> HandleRecord | None:
-        try:
-            found = self.objects.decode(entry.header)
-        except HandleError as exc:
-            report(WalkWarning(process.pid, process.name, f"object header {entry.header:#x}: {exc}",
-                               entry.handle))
-            return None
-        problems = [] if found.type is not None else [f"type: TypeIndex of header {entry.header:#x} names no "
-                                                      "object type of this kernel"]
-        return HandleRecord(process.pid, process.name, entry.handle, found.body, found.type, found.name,
-                            entry.granted_access, entry.attributes, problems)
-
     # --- lookup ----------------------------------------------------------------------------
 
     def lookup(self, target: int | str, handle: int, vcpu: int = 0) -> LookupRecord:
@@ -197,64 +275,71 @@ class Windows:
         process = self._one(target)
         if handle in (CURRENT_PROCESS, CURRENT_THREAD):
             return self._pseudo(process, handle, vcpu)
-        note = None
-        if handle & KERNEL_HANDLE_BIT and handle >> 32 in (0, 0xFFFFFFFF):
-            system = read_process(self.kernel, self.kernel.system_process)
-            table_address, value = self.kernel.kernel_table, handle & (KERNEL_HANDLE_BIT - 1)
-            process, note = Process(system.pid, system.name, system.eprocess, system.dtb, table_address), \
-                f"kernel handle {handle:#x}: entry {value:#x} of the kernel handle table"
-        else:
-            value = handle
+        process, value, note = self._owner(process, handle)
         if not process.table:
             raise NoHandleTable(_no_table(process))
-        table = HandleTable(self.kernel, process.table, self.format)
+        table = self._table(process.table)
         status, entry, path = table.lookup(value)
         record = LookupRecord(process.pid, process.name, value & ~3, status, table=table.address,
                               levels=table.levels, path=path, entry=entry.address if entry else None,
                               note=note)
-        if status != "valid":
+        if status is not LookupStatus.VALID:
             detail = STATUS_TEXT[status]
-            if status == "past_end":
+            if status is LookupStatus.PAST_END:
                 detail += f" (NextHandleNeedingPool {table.next_handle_needing_pool:#x})"
-            raise BadHandle(f"handle {value & ~3:#x} of {process.name}({process.pid}) {detail}", record)
-        found = self.objects.decode(entry.header)
-        self._fill(record, found, entry.granted_access, entry.attributes)
+            raise BadHandle(f"handle {value & ~3:#x} of {process.label} {detail}", record)
+        self._fill(record, self.headers.read(entry.header), entry.granted_access, entry.attributes)
         return record
 
-    def _fill(self, record: LookupRecord, found, granted: int, attributes: int) -> None:
-        record.object, record.header, record.type, record.name = found.body, found.header, found.type, found.name
+    def _owner(self, process: Process, handle: int) -> tuple[Process, int, str | None]:
+        """(process whose table holds `handle`, value in that table, note): kernel handles
+        live in the kernel handle table, reported as System's."""
+        if not (handle & KERNEL_HANDLE_BIT and handle >> 32 in (0, 0xFFFFFFFF)):
+            return process, handle, None
+        system = self.process_at(self.kernel.system_process)
+        return (replace(system, table=self.kernel.kernel_table), handle & (KERNEL_HANDLE_BIT - 1),
+                f"kernel handle {handle:#x}: entry {handle & (KERNEL_HANDLE_BIT - 1):#x} of the kernel handle table")
+
+    def _fill(self, record: LookupRecord, header: Header, granted: int, attributes: int) -> None:
+        record.object, record.header, record.type = header.body, header.header, header.type
+        try:
+            record.name = self.names.name(header)
+        except HandleError as exc:
+            unreadable = f"name unreadable: {exc}"
+            record.note = f"{record.note}; {unreadable}" if record.note else unreadable
         record.granted_access, record.attributes = granted, attributes
-        record.access_names = access.rights(found.type, granted)
+        record.access_names = access.rights(header.type, granted)
         record.attribute_names = access.attribute_names(attributes)
 
     def _pseudo(self, process: Process, handle: int, vcpu: int) -> LookupRecord:
         """-1/-2 name the current process/thread of one vCPU, so the pid given must be that of
         the vCPU's current process (_KPCR.Prcb.CurrentThread -> _KTHREAD.ApcState.Process)."""
         pseudo = handle - (1 << 64)
+        cpu, thread, current = self._current(vcpu, f"pseudo-handle {pseudo}")
+        what = "current process" if handle == CURRENT_PROCESS else "current thread"
+        if current.pid != process.pid:
+            raise BadHandle(f"pseudo-handle {pseudo} is the {what} of {cpu}, in {current.label}, not in "
+                            f"{process.label}: give pid {current.pid}, or select another vCPU")
+        header = self.headers.at_body(thread if handle == CURRENT_THREAD else current.eprocess)
+        record = LookupRecord(current.pid, current.name, handle, LookupStatus.VALID,
+                              note=f"pseudo-handle {pseudo}: the {what} of {cpu}, in {current.label}")
+        all_access = access.RIGHTS.get(header.type or "", ({}, {}))[1]
+        self._fill(record, header, next(iter(all_access), 0), 0)
+        return record
+
+    def _current(self, vcpu: int, what: str) -> tuple[str, int, Process]:
+        """(how to name the vCPU, its current _KTHREAD, the process that thread runs in)."""
         if vcpu >= len(self.registers):
-            raise BadHandle(f"pseudo-handle {pseudo} needs the registers of vCPU {vcpu} "
-                            "(only a live guest has them)")
+            raise BadHandle(f"{what} needs the registers of vCPU {vcpu} (only a live guest has them)")
         registers = self.registers[vcpu]
         cpu = f"the selected vCPU (gdb thread {registers['thread']})" if "thread" in registers and vcpu == 0 \
             else f"vCPU {vcpu}"
-        kpcr = kernel_module.vcpu_kpcr(registers)
+        kpcr = vcpu_kpcr(registers)
         if kpcr is None:
-            raise BadHandle(f"pseudo-handle {pseudo}: {cpu} has no kernel GS base (KPCR)")
+            raise BadHandle(f"{what}: {cpu} has no kernel GS base (KPCR)")
         layout, space = self.kernel.layout, self.kernel.space
-        thread = space.u64(kpcr + layout.offset("_KPCR", "Prcb.CurrentThread"))
-        current = read_process(self.kernel, space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process")))
-        owner = f"{current.name}({current.pid})"
-        what = "current process" if handle == CURRENT_PROCESS else "current thread"
-        if current.pid != process.pid:
-            raise BadHandle(f"pseudo-handle {pseudo} is the {what} of {cpu}, in {owner}, not in "
-                            f"{process.name}({process.pid}): give pid {current.pid}, or select another vCPU")
-        body = thread if handle == CURRENT_THREAD else current.eprocess
-        found = self.objects.decode(body - self.objects.body_offset)
-        record = LookupRecord(current.pid, current.name, handle, "valid",
-                              note=f"pseudo-handle {pseudo}: the {what} of {cpu}, in {owner}")
-        all_access = access.RIGHTS.get(found.type or "", ({}, {}))[1]
-        self._fill(record, found, next(iter(all_access), 0), 0)
-        return record
+        thread = Kpcr.of(layout).current_thread(space, kpcr)
+        return cpu, thread, self.process_at(KThread.of(layout).process(space, thread))
 
     # --- info ------------------------------------------------------------------------------
 
@@ -268,10 +353,25 @@ class Windows:
             dtb_source=kernel.dtb_source, kernel_base_source=kernel.base_source, profile=kernel.layout.source,
             globals=dict(kernel.globals), sources=dict(kernel.sources),
             stats=ReadStats(**vars(kernel.phys.stats)), header_cookie=kernel.header_cookie,
-            warnings=notes + [f"pid {w.pid}: {w.message}" for w in self.warnings],
+            warnings=notes + [str(w) for w in self.warnings],
             checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
             inferred=dict(getattr(kernel.layout, "how", {})))
 
 
+def _by_name(processes: list[Process], text: str) -> list[Process]:
+    """Processes named `text` (full or 15-byte name, any case), else those whose full name
+    starts with it, when that prefix names one image only."""
+    wanted = text.lower()
+    exact = [p for p in processes if wanted in (p.name.lower(), p.image_file_name.lower())]
+    if exact:
+        return exact
+    prefixed = [p for p in processes if p.name.lower().startswith(wanted)]
+    names = sorted({p.name for p in prefixed})
+    if len(names) > 1:
+        shown = ", ".join(names[:6]) + (" …" if len(names) > 6 else "")
+        raise ProcessNotFound(f"{text!r} starts {len(names)} image names ({shown}): give more of it or a pid")
+    return prefixed
+
+
 def _no_table(process: Process) -> str:
-    return f"{process.name}({process.pid}) has no handle table (ObjectTable is NULL: the process is exiting)"
+    return f"{process.label} has no handle table (ObjectTable is NULL: the process is exiting)"

@@ -10,11 +10,11 @@ from typing import Iterator
 from gdbhandles.engine import STATUS_TEXT, Windows
 from gdbhandles.errors import BadHandle, HandleError
 from gdbhandles.records import CidRecord, FreeEntryRecord, WalkWarning
-from gdbhandles.windows import kernel as kernel_module
 from gdbhandles.windows.cid_table import cid_table, identity
-from gdbhandles.windows.eprocess import Process, read_process
+from gdbhandles.windows.eprocess import Process
 from gdbhandles.windows.free_list import free_list
-from gdbhandles.windows.handle_table import Entry, HandleTable, Problem
+from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
+from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
 
 __all__ = ["current_process", "cid", "cid_all", "free_entries"]
 
@@ -25,16 +25,16 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     if vcpu >= len(windows.registers):
         raise HandleError(f"no current process without the registers of vCPU {vcpu} (a dump has none): give a pid")
     registers = windows.registers[vcpu]
-    kpcr = kernel_module.vcpu_kpcr(registers)
+    kpcr = vcpu_kpcr(registers)
     if kpcr is None:
         raise HandleError(f"vCPU {vcpu} has no kernel GS base (KPCR), so no current process: give a pid "
                           "(or walk all)")
     kernel = windows.kernel
     layout, space = kernel.layout, kernel.space
-    thread = space.u64(kpcr + layout.offset("_KPCR", "Prcb.CurrentThread"))
-    attached = space.u64(thread + layout.offset("_KTHREAD", "ApcState.Process"))
-    owner = space.u64(thread + layout.offset("_KTHREAD", "Process"))
-    process = read_process(kernel, attached)
+    thread = Kpcr.of(layout).current_thread(space, kpcr)
+    attached = KThread.of(layout).process(space, thread)
+    owner = KThread.of(layout).owner(space, thread)
+    process = windows.process_at(attached)
     if all(p.eprocess != attached for p in windows._select(None)):
         raise HandleError(f"the current process of vCPU {vcpu}, {process.name}({process.pid}) at {attached:#x}, is "
                           "not on the active process list (the idle process, or one being created or torn "
@@ -44,31 +44,31 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     name = f"vCPU {registers['thread'] - 1}" if "thread" in registers else f"vCPU {vcpu}"
     note = f"current process of {name} ({mode}): {process.name}({process.pid}), thread {thread:#x}"
     if owner != attached:
-        note += f" of {read_process(kernel, owner).name}, attached to this process"
+        note += f" of {windows.process_at(owner).name}, attached to this process"
     return process, note
 
 
 def _cid_record(windows: Windows, entry: Entry) -> CidRecord:
     """The entry's pointer is the object body: its header sits Body bytes below it."""
     body = entry.header
-    found = windows.objects.decode(body - windows.objects.body_offset)
+    found = windows.headers.at_body(body)
     who = identity(windows.kernel, body, found.type)
     return CidRecord(entry.handle, body, found.type, who.pid if who else None, who.tid if who else None,
-                     who.process if who else None, entry.address)
+                     windows.process_at(who.eprocess).name if who else None, entry.address)
 
 
 def cid(windows: Windows, number: int) -> CidRecord:
     """The process or thread with this id, through PspCidTable; BadHandle names why not."""
-    table = cid_table(windows.kernel, windows.format)
+    table = cid_table(windows.kernel)
     status, entry, _path = table.lookup(number)
-    if status != "valid":
+    if status is not LookupStatus.VALID:
         raise BadHandle(f"id {number} ({number:#x}) is not in PspCidTable: its entry {STATUS_TEXT[status]}")
     return _cid_record(windows, entry)
 
 
 def cid_all(windows: Windows) -> list[CidRecord]:
     """Every id in PspCidTable, in id order; bad entries become warnings (windows.warnings)."""
-    table = cid_table(windows.kernel, windows.format)
+    table = cid_table(windows.kernel)
     records = []
     for item in table.entries():
         if isinstance(item, Problem):
@@ -89,7 +89,7 @@ def free_entries(windows: Windows, target: int | str | None = None, warn=None) -
         if not process.table:
             continue
         try:
-            table = HandleTable(windows.kernel, process.table, windows.format)
+            table = HandleTable(windows.kernel.space, windows.kernel.layout, process.table)
             order = free_list(table)
         except HandleError as exc:
             report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
@@ -105,6 +105,6 @@ def free_entries(windows: Windows, target: int | str | None = None, warn=None) -
         highest = max((e.handle for e in entries if e.header is not None), default=0)
         for e in entries:
             if e.header is None:
-                status = "never_allocated" if e.empty or e.handle > highest else "free"
+                status = LookupStatus.NEVER_ALLOCATED if e.empty or e.handle > highest else LookupStatus.FREE
                 yield FreeEntryRecord(process.pid, process.name, e.handle, e.address, status,
                                       order.position.get(e.handle))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from gdbhandles.windows.handle_table import TableStep
+from gdbhandles.windows.handle_table import LookupStatus, TableStep
 from gdbhandles.windows.memory import ReadStats
 
 HANDLE_KEYS = ("pid", "process", "handle", "object", "type", "name", "granted_access", "attributes")
@@ -17,7 +17,7 @@ HANDLE_KEYS = ("pid", "process", "handle", "object", "type", "name", "granted_ac
 @dataclass
 class ProcessRecord:
     pid: int
-    name: str
+    name: str                    # the full image name when readable, else ImageFileName
     eprocess: int
     dtb: int
     handle_table: int            # _HANDLE_TABLE address, 0 for an exiting process
@@ -25,6 +25,8 @@ class ProcessRecord:
     level: int | None            # None when there is no table
     next_handle_needing_pool: int
     handle_count: int            # entries in use (counted from the table, not a kernel counter)
+    image_file_name: str = ""    # _EPROCESS.ImageFileName (15 bytes at most)
+    image_path: str | None = None   # NT path from SeAuditProcessCreationInfo, None when unknown
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -56,7 +58,7 @@ class LookupRecord:
     pid: int
     process: str
     handle: int
-    status: str                  # valid | free | never_allocated | past_end | first_slot
+    status: LookupStatus
     object: int | None = None
     header: int | None = None
     type: str | None = None
@@ -82,11 +84,18 @@ class LookupRecord:
 
 @dataclass
 class WalkWarning:
-    """A bad entry or unreadable page met during a walk, which went on."""
-    pid: int
-    process: str
+    """A bad entry, unreadable page or missing layout member met during a walk, which went on.
+    `pid` is None for what concerns no one process (a layout without a member)."""
+    pid: int | None
+    process: str | None
     message: str
     handle: int | None = None
+
+    def __str__(self) -> str:
+        if self.pid is None:
+            return self.message
+        handle = f" handle {self.handle:#x}" if self.handle is not None else ""
+        return f"{self.process}({self.pid}){handle}: {self.message}"
 
 
 @dataclass

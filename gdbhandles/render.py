@@ -70,6 +70,8 @@ class Progress:
 
 def warning_line(warning: WalkWarning) -> str:
     """`warning: lsass.exe(672) handle 0x1c: <what>`, for every walk warning in both front ends."""
+    if warning.pid is None:                  # about no one process: a layout without a member
+        return f"warning: {escape(warning.message)}"
     handle = f" handle {warning.handle:#x}" if warning.handle is not None else ""
     return f"warning: {escape(warning.process, 64)}({warning.pid}){handle}: {escape(warning.message)}"
 

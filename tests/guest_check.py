@@ -100,14 +100,27 @@ class Guest:
         return self.read(buf, length).decode("utf-16-le")
 
     # -- processes --
+    def image_file_name(self, ep: int) -> str:
+        return self.read(ep + self.off("_EPROCESS", "ImageFileName"), 15).split(b"\0")[0].decode()
+
+    def process_name(self, ep: int) -> str:
+        """The full image name (SeAuditProcessCreationInfo's path) where the profile has it."""
+        audit = self.p["structs"]["_EPROCESS"]["fields"].get("SeAuditProcessCreationInfo.ImageFileName")
+        info = self.q(ep + audit["offset"]) if audit else 0
+        if not info:
+            return self.image_file_name(ep)
+        name = self.ustr(info + self.off("_OBJECT_NAME_INFORMATION", "Name")).rpartition("\\")[2]
+        assert name.startswith(self.image_file_name(ep)), name
+        return name
+
     def processes(self) -> list[dict]:
         head = self.truth["globals"]["PsActiveProcessHead"]
         links = self.off("_EPROCESS", "ActiveProcessLinks")
         out, at = [], self.q(head)
         while at != head:
             ep = at - links
-            name = self.read(ep + self.off("_EPROCESS", "ImageFileName"), 15).split(b"\0")[0].decode()
-            out.append({"pid": self.q(ep + self.off("_EPROCESS", "UniqueProcessId")), "name": name,
+            out.append({"pid": self.q(ep + self.off("_EPROCESS", "UniqueProcessId")), "name": self.process_name(ep),
+                        "image_file_name": self.image_file_name(ep),
                         "eprocess": ep, "handle_table": self.q(ep + self.off("_EPROCESS", "ObjectTable")),
                         "dtb": self.q(ep + self.off("_EPROCESS", "Pcb.DirectoryTableBase"))})
             at = self.q(at)
@@ -177,8 +190,7 @@ class Guest:
                 kcb = self.q(kcb + self.off("_CM_KEY_CONTROL_BLOCK", "ParentKcb"))
             return "\\" + "\\".join(reversed(parts))
         if type_name == "Process":
-            name = self.read(body + self.off("_EPROCESS", "ImageFileName"), 15).split(b"\0")[0].decode()
-            return f"{name}({self.q(body + self.off('_EPROCESS', 'UniqueProcessId'))})"
+            return f"{self.process_name(body)}({self.q(body + self.off('_EPROCESS', 'UniqueProcessId'))})"
         if type_name == "Thread":
             return str(self.q(body + self.off("_ETHREAD", "Cid") + 8))
         mask = self.b(header + 0x1A)
@@ -224,7 +236,8 @@ def check_guest(raw_path: Path, truth: dict) -> None:
     try:
         g = Guest(raw, truth)
         procs = g.processes()
-        want = [{k: p[k] for k in ("pid", "name", "eprocess", "handle_table", "dtb")} for p in truth["processes"]]
+        want = [{k: p[k] for k in ("pid", "name", "image_file_name", "eprocess", "handle_table", "dtb")}
+                for p in truth["processes"]]
         assert procs == want
         assert procs[0]["pid"] == 4
         assert g.q(truth["globals"]["PsInitialSystemProcess"]) == procs[0]["eprocess"]

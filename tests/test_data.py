@@ -53,3 +53,16 @@ def test_index_rows_point_at_profiles():
     for row in INDEX["files"]:
         assert row["same_layout_profile"] in ids, row["guid_age"]
         assert row["symbols"]["PsInitialSystemProcess"], row["guid_age"]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p["version"])
+def test_isf_profiles_have_the_full_image_name(profile):
+    """SeAuditProcessCreationInfo.ImageFileName → _OBJECT_NAME_INFORMATION.Name, on every
+    ISF-derived build (the vergilius-derived extra builds do not have it)."""
+    structs = profile["structs"]
+    audit = structs["_EPROCESS"]["fields"]["SeAuditProcessCreationInfo.ImageFileName"]
+    assert audit["size"] == 8 and audit["type"] == "_OBJECT_NAME_INFORMATION*"
+    assert audit["offset"] > structs["_EPROCESS"]["fields"]["ImageFileName"]["offset"]
+    assert audit["offset"] == structs["_EPROCESS"]["fields"]["SeAuditProcessCreationInfo"]["offset"]
+    assert structs["_OBJECT_NAME_INFORMATION"]["fields"]["Name"] == \
+        {"offset": 0, "type": "_UNICODE_STRING", "size": structs["_UNICODE_STRING"]["size"]}

@@ -6,9 +6,9 @@ import pytest
 
 from gdbhandles.windows import layouts
 from gdbhandles.errors import CorruptTable, UnreadablePage
-from gdbhandles.windows.handle_table import Entry, EntryFormat, HandleTable, Problem
+from gdbhandles.windows.handle_table import Entry, HandleTable, HandleTableEntry, Problem
+from gdbhandles.windows.memory import MASK64
 
-MASK64 = (1 << 64) - 1
 
 
 class SparseSpace:
@@ -53,7 +53,7 @@ def encode_bitfield(layout, header, granted, attributes):
 @pytest.mark.parametrize("build", [9200, 9600, 19041, 22631])
 def test_bitfield_entries_sign_extend_the_header(build):
     kernel = kernel_for(build)
-    form = EntryFormat(kernel)
+    form = HandleTableEntry.of(kernel.layout)
     header = 0xFFFFC08AB1234560 if build > 9200 else 0xFFFFFA8001234560
     raw = encode_bitfield(kernel.layout, header, 0x1F0003, 6)
     assert form.decode(raw, 0) == (header, 0x1F0003, 6)
@@ -63,11 +63,11 @@ def test_bitfield_entries_sign_extend_the_header(build):
 def test_win8_and_win81_put_the_pointer_at_different_bits():
     k8, k81 = kernel_for(9200), kernel_for(9600)
     raw = encode_bitfield(k81.layout, 0xFFFFC08AB1234560, 0x3, 1)
-    assert EntryFormat(k8).decode(raw, 0)[0] != 0xFFFFC08AB1234560
+    assert HandleTableEntry.of(k8.layout).decode(raw, 0)[0] != 0xFFFFC08AB1234560
 
 
 def test_win7_entry_bits():
-    form = EntryFormat(kernel_for(7601))
+    form = HandleTableEntry.of(kernel_for(7601).layout)
     header = 0xFFFFFA8001234560
     # unlocked bit 0, Inherit bit 1, Audit bit 2; protect-from-close is GrantedAccess bit 25
     raw = struct.pack("<QI4x", header | 1 | 2, 0x120089 | 0x2000000)
@@ -105,7 +105,7 @@ def make_table(kernel, levels, pages, used):
     bound_field = layout.field("_HANDLE_TABLE", "NextHandleNeedingPool")
     space.put(TABLE + code_field.offset, struct.pack("<Q", top | levels))
     space.put(TABLE + bound_field.offset, struct.pack("<I", pages * 256 * 4))
-    return HandleTable(kernel, TABLE, EntryFormat(kernel))
+    return HandleTable(kernel.space, kernel.layout, TABLE)
 
 
 HEADER = 0xFFFFC08A00000000
@@ -160,4 +160,4 @@ def test_corrupt_table_code():
     make_table(kernel, 0, 1, {})
     kernel.space.put(TABLE + 8, struct.pack("<Q", LOWS | 3))
     with pytest.raises(CorruptTable, match="3 levels"):
-        HandleTable(kernel, TABLE, EntryFormat(kernel))
+        HandleTable(kernel.space, kernel.layout, TABLE)

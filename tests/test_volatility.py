@@ -1,7 +1,8 @@
 """The independent check: unmodified volatility3 reads a dump of the running guest (QMP
 pmemsave) with the guest's symbols.json, and its processes and handles equal truth.json.
 
-Only formatting is normalised: volatility names a Process `image Pid N` and a Thread
+Only formatting is normalised: volatility names a Process `image Pid N` (with the 15-byte
+ImageFileName where truth has the full image name) and a Thread
 `Tid T Pid P`, leaves `\\REGISTRY\\` off key paths, prints "" for no name, shows addresses
 without the upper-half sign extension, and on Windows 7 reports GrantedAccess with the
 ProtectFromClose bit (0x2000000) that Windows keeps in it.
@@ -41,7 +42,7 @@ def as_volatility(record: dict, truth: dict) -> tuple:
     name, kind = record["name"], record["type"]
     if kind == "Process":
         image, _, pid = name.rpartition("(")
-        name = f"{image} Pid {pid.rstrip(')')}"
+        name = f"{image[:15]} Pid {pid.rstrip(')')}"
     elif kind == "Thread":
         owner = {str(t["tid"]): p["pid"] for p in truth["processes"] for t in p["threads"]}[name]
         name = f"Tid {name} Pid {owner}"
@@ -61,7 +62,7 @@ def test_volatility_agrees_with_truth(booted_guest, tmp_path, profile):
 
     processes = volatility(tmp_path, dump, symbols, "windows.pslist")
     assert sorted((p["PID"], p["ImageFileName"]) for p in processes) == \
-        sorted((p["pid"], p["name"]) for p in g.truth["processes"])
+        sorted((p["pid"], p["image_file_name"]) for p in g.truth["processes"])
 
     handles = volatility(tmp_path, dump, symbols, "windows.handles")
     got = sorted((h["PID"], h["HandleValue"], h["Offset"], h["Type"], h["Name"] or "", h["GrantedAccess"])

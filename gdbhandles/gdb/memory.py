@@ -15,9 +15,9 @@ import re
 import gdb
 
 from gdbhandles.errors import HandleError, UnreadablePage
+from gdbhandles.windows.memory import MASK64
 
 PAGE = 0x1000
-MASK64 = (1 << 64) - 1
 REGISTERS = ("rip", "rsp", "cs", "ss", "eflags", "cr0", "cr3", "cr4", "efer",
              "fs_base", "gs_base", "k_gs_base")
 LOW_MEMORY = 0x100000     # below 1 MiB QEMU's map has holes (VGA, ROMs); reads there are fine
@@ -78,6 +78,8 @@ def ram_ranges() -> list[tuple[int, int]] | None:
 
 class GdbPhysical:
     """Physical memory of the guest through QEMU's gdbstub: `read(paddr, size) -> bytes`."""
+
+    round_trip_bytes = 512     # ~0.06 ms per packet ≈ 0.23 ms per 2 KiB: a trip is worth ~0.5 KiB
 
     def __init__(self):
         self.inferior = gdb.selected_inferior()

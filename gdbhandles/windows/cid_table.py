@@ -11,18 +11,20 @@ from dataclasses import dataclass
 
 from gdbhandles.errors import MissingGlobal
 from gdbhandles.windows.eprocess import read_process
-from gdbhandles.windows.handle_table import EntryFormat, HandleTable
+from gdbhandles.windows.ethread import EThread
+from gdbhandles.windows.handle_table import HandleTable
 from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.kpcr import KThread
 
 __all__ = ["cid_table", "Identity", "identity"]
 
 
-def cid_table(kernel: Kernel, entry_format: EntryFormat) -> HandleTable:
+def cid_table(kernel: Kernel) -> HandleTable:
     """The _HANDLE_TABLE that the global PspCidTable points to."""
     pointer = kernel.globals.get("PspCidTable")
     if not pointer:
         raise MissingGlobal("PspCidTable was not found (`handle info` says how globals were looked for)")
-    return HandleTable(kernel, kernel.space.u64(pointer), entry_format)
+    return HandleTable(kernel.space, kernel.layout, kernel.space.u64(pointer))
 
 
 @dataclass
@@ -42,9 +44,8 @@ def identity(kernel: Kernel, body: int, type_name: str | None) -> Identity | Non
         process = read_process(kernel, body)
         return Identity(process.pid, None, process.name, body)
     if type_name == "Thread":
-        cid = body + layout.offset("_ETHREAD", "Cid")
-        tid = space.u64(cid + layout.offset("_CLIENT_ID", "UniqueThread"))
-        owner = space.u64(body + layout.offset("_KTHREAD", "Process"))
+        tid = EThread.of(layout).thread_id(space, body)
+        owner = KThread.of(layout).owner(space, body)
         process = read_process(kernel, owner)
         return Identity(process.pid, tid, process.name, owner)
     return None

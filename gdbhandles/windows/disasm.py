@@ -17,7 +17,8 @@ from typing import Callable
 import capstone
 from capstone import x86
 
-MASK64 = (1 << 64) - 1
+from gdbhandles.windows.memory import MASK64
+
 WINDOW = 0x200              # bytes decoded at once from a block start
 MAX_INSNS = 400             # per traced function, over all its blocks
 MAX_BLOCKS = 32

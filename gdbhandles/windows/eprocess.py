@@ -1,4 +1,12 @@
-"""The EPROCESS list: PsActiveProcessHead through _EPROCESS.ActiveProcessLinks, System first."""
+"""_EPROCESS and the process list: PsActiveProcessHead through ActiveProcessLinks, System first.
+
+A process has two names. `_EPROCESS.ImageFileName` keeps at most 15 bytes
+(`SearchProtocolH`); the full image path hangs off
+`SeAuditProcessCreationInfo.ImageFileName` (an `_OBJECT_NAME_INFORMATION` whose `Name` is
+`\\Device\\HarddiskVolume3\\Windows\\System32\\SearchProtocolHost.exe`), and its last component
+is the name Task Manager shows. System and other processes without an image file have a
+NULL pointer there.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +14,97 @@ from dataclasses import dataclass
 
 from gdbhandles.errors import CorruptTable
 from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.memory import AddressSpace
+from gdbhandles.windows.structure import Struct
+from gdbhandles.windows.unicode_string import UnicodeString
+
+__all__ = ["EProcess", "Process", "read_process", "image_path", "active_processes", "MAX_PROCESSES"]
 
 MAX_PROCESSES = 1 << 16
-FIELDS = ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName", "Pcb.DirectoryTableBase")
+FIXED = ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName", "Pcb.DirectoryTableBase")
+AUDIT_NAME = "SeAuditProcessCreationInfo.ImageFileName"
 
 
-@dataclass
+class EProcess(Struct):
+    NAME = "_EPROCESS"
+
+    def image_file_name(self, raw: bytes, base: int = 0) -> str:
+        """`ImageFileName` (UCHAR[15] on every x64 build; its size comes from the layout)."""
+        field = self.field("ImageFileName")
+        start = base + field.offset
+        return raw[start:start + field.size].split(b"\0", 1)[0].decode("latin-1")
+
+    def read_image_file_name(self, space: AddressSpace, eprocess: int) -> str:
+        """`ImageFileName` of the _EPROCESS at `eprocess`."""
+        field = self.field("ImageFileName")
+        return self.image_file_name(space.read(eprocess + field.offset, field.size), -field.offset)
+
+    def audit_name(self, space: AddressSpace, eprocess: int) -> int:
+        """`SeAuditProcessCreationInfo.ImageFileName`: address of an `_OBJECT_NAME_INFORMATION`, or 0."""
+        return self.field(AUDIT_NAME).read(space.read, eprocess)
+
+
+class ObjectNameInformation(Struct):
+    NAME = "_OBJECT_NAME_INFORMATION"
+
+    def name(self, space: AddressSpace, address: int) -> str | None:
+        """`Name`, a _UNICODE_STRING holding an NT path."""
+        return UnicodeString.of(self.layout).read(space, address + self.offset("Name"))
+
+
+@dataclass(frozen=True)
 class Process:
-    pid: int
-    name: str
+    pid: int                 # _EPROCESS.UniqueProcessId
+    image_file_name: str     # _EPROCESS.ImageFileName (15 bytes at most)
     eprocess: int
-    dtb: int
+    dtb: int                 # _EPROCESS.Pcb.DirectoryTableBase
     table: int               # _EPROCESS.ObjectTable (0 while the process exits)
+    image_path: str | None = None   # the full NT path of the image, when it could be read
+
+    @property
+    def name(self) -> str:
+        """The full image name when known (`SearchProtocolHost.exe`), else ImageFileName."""
+        if self.image_path:
+            return self.image_path.rpartition("\\")[2]
+        return self.image_file_name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}({self.pid})"
 
 
 def read_process(kernel: Kernel, eprocess: int) -> Process:
-    """The fields we use, read as one span of the EPROCESS."""
-    fields = {name: kernel.layout.field("_EPROCESS", name) for name in FIELDS}
-    start = min(f.offset for f in fields.values())
-    end = max(f.offset + f.size for f in fields.values())
-    raw = kernel.space.read(eprocess + start, end - start)
-    name_field = fields["ImageFileName"]
-    name_at = name_field.offset - start
-    name = raw[name_at:name_at + 15].split(b"\0", 1)[0].decode("latin-1")
-    return Process(fields["UniqueProcessId"].extract(raw, -start), name, eprocess,
-                   fields["Pcb.DirectoryTableBase"].extract(raw, -start),
-                   fields["ObjectTable"].extract(raw, -start))
+    """The fixed fields of the `_EPROCESS` at `eprocess`, read as one span (no image path)."""
+    layout = EProcess.of(kernel.layout)
+    start, size = layout.span(*FIXED)
+    raw = kernel.space.read(eprocess + start, size)
+    value = {name: layout.field(name).extract(raw, -start) for name in FIXED if name != "ImageFileName"}
+    return Process(value["UniqueProcessId"], layout.image_file_name(raw, -start), eprocess,
+                   value["Pcb.DirectoryTableBase"], value["ObjectTable"])
+
+
+def image_path(kernel: Kernel, process: Process) -> str | None:
+    """The NT path of the process's image, None when it has none (System, Registry).
+    ProfileError if the layout lacks the audit member; HandleError if memory is unreadable;
+    CorruptTable if the path does not end in the 15-byte ImageFileName."""
+    space = kernel.space
+    info = EProcess.of(kernel.layout).audit_name(space, process.eprocess)
+    if not info:
+        return None
+    path = ObjectNameInformation.of(kernel.layout).name(space, info)
+    if not path:
+        return None
+    leaf = path.rpartition("\\")[2]
+    if not leaf.startswith(process.image_file_name):
+        raise CorruptTable(f"image path {path!r} (at {info:#x}) does not end in ImageFileName "
+                           f"{process.image_file_name!r}")
+    return path
 
 
 def active_processes(kernel: Kernel) -> list[Process]:
-    """Every process on the active list, in list order."""
+    """Every process on the active list, in list order (15-byte names; see image_path)."""
     head = kernel.globals["PsActiveProcessHead"]
-    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
+    links = EProcess.of(kernel.layout).offset("ActiveProcessLinks")
     result, seen = [], {head}
     entry = kernel.space.u64(head)
     while entry != head:
@@ -49,3 +116,4 @@ def active_processes(kernel: Kernel) -> list[Process]:
         result.append(read_process(kernel, entry - links))
         entry = kernel.space.u64(entry)
     return result
+

@@ -38,7 +38,7 @@ def _entry_handles(table: HandleTable) -> dict[int, int]:
 
 def _head(table: HandleTable) -> tuple[str, int]:
     """('value', first free handle value) or ('entry', first free entry address); 0: empty."""
-    layout, space = table.kernel.layout, table.space
+    layout, space = table.layout, table.space
     lists = layout.find("_HANDLE_TABLE", "FreeLists")
     if lists is not None:
         first = layout.offset("_HANDLE_TABLE_FREE_LIST", "FirstFreeHandleEntry")
@@ -52,7 +52,7 @@ def _head(table: HandleTable) -> tuple[str, int]:
 def free_list(table: HandleTable) -> FreeList:
     """Follow the list from its head, at most one step per slot; a loop or a link to
     something that is not an entry of this table ends it with `problem` set."""
-    layout, space = table.kernel.layout, table.space
+    layout, space = table.layout, table.space
     by_entry = _entry_handles(table)
     by_value = {value: address for address, value in by_entry.items()}
     old_link = layout.find("_HANDLE_TABLE_ENTRY", "NextFreeTableEntry")

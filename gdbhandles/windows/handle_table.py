@@ -8,11 +8,17 @@ the first entry of each low-level page is never a handle.
 
 from __future__ import annotations
 
+import enum
+import functools
 import struct
 from dataclasses import dataclass
 
 from gdbhandles.errors import CorruptTable, HandleError
-from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.layouts import Layout
+from gdbhandles.windows.memory import MASK64, AddressSpace
+from gdbhandles.windows.structure import Struct
+
+__all__ = ["LookupStatus", "EntryForm", "HandleTableEntry", "HandleTable", "Entry", "Problem", "TableStep"]
 
 ENTRY_SIZE = 16
 LOW_COUNT = 4096 // ENTRY_SIZE          # entries per low-level page
@@ -21,10 +27,24 @@ HANDLE_STEP = 4
 MAX_HANDLE_VALUE = 1 << 26              # Windows allows 2^24 handles per table
 PROTECT_CLOSE_BIT = 0x2000000           # Win7: ObpAccessProtectCloseBit in GrantedAccess
 ATTRIBUTE_PROTECT_CLOSE = 1
-MASK64 = (1 << 64) - 1
 
 
-@dataclass
+class LookupStatus(enum.StrEnum):
+    """What a handle value names in its table (as ExpLookupHandleTableEntry would find it)."""
+    VALID = "valid"
+    FREE = "free"                         # closed: the entry holds no object
+    NEVER_ALLOCATED = "never_allocated"
+    PAST_END = "past_end"                 # at or beyond NextHandleNeedingPool
+    FIRST_SLOT = "first_slot"             # entry 0 of a low-level page, never a handle
+
+
+class EntryForm(enum.Enum):
+    """The two shapes of _HANDLE_TABLE_ENTRY: the one switch between Windows versions."""
+    OBJECT_POINTER = "Win7: Object qword + GrantedAccess"
+    BITFIELDS = "Win8+: ObjectPointerBits, Attributes, GrantedAccessBits"
+
+
+@dataclass(frozen=True)
 class TableStep:
     """One table the lookup went through: its level (2 top … 0 entries) and address."""
     level: int
@@ -32,7 +52,7 @@ class TableStep:
     index: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Entry:
     handle: int
     address: int
@@ -42,58 +62,62 @@ class Entry:
     empty: bool                         # both qwords zero: never handed out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     """Something a walk could not read; it goes on after reporting it."""
     message: str
     handle: int | None = None
 
 
-class EntryFormat:
-    """How a 16-byte _HANDLE_TABLE_ENTRY holds object, access and attributes for this build."""
+class HandleTableEntry(Struct):
+    """How a 16-byte _HANDLE_TABLE_ENTRY holds object, access and attributes in this build."""
+    NAME = "_HANDLE_TABLE_ENTRY"
 
-    def __init__(self, kernel: Kernel):
-        layout = kernel.layout
-        self.pointer_bits = layout.find("_HANDLE_TABLE_ENTRY", "ObjectPointerBits")
-        if self.pointer_bits is not None:
-            self.attributes = layout.field("_HANDLE_TABLE_ENTRY", "Attributes")
-            self.granted = layout.field("_HANDLE_TABLE_ENTRY", "GrantedAccessBits")
-        else:
-            self.object = layout.field("_HANDLE_TABLE_ENTRY", "Object")
-            self.granted = layout.field("_HANDLE_TABLE_ENTRY", "GrantedAccess")
+    @functools.cached_property
+    def form(self) -> EntryForm:
+        """BITFIELDS when the layout has `ObjectPointerBits` (Win8+), else OBJECT_POINTER."""
+        return EntryForm.BITFIELDS if self.find("ObjectPointerBits") else EntryForm.OBJECT_POINTER
 
     def decode(self, raw: bytes, offset: int) -> tuple[int | None, int, int]:
         """(header or None, granted access, attributes) of the entry at raw[offset:]."""
-        if self.pointer_bits is not None:
-            bits = self.pointer_bits.extract(raw, offset)
-            if not bits:
-                return None, 0, 0
-            top = 1 << (self.pointer_bits.bit_length - 1)
-            header = (((bits ^ top) - top) << 4) & MASK64
-            return header, self.granted.extract(raw, offset), self.attributes.extract(raw, offset)
-        value = self.object.extract(raw, offset)
+        if self.form is EntryForm.BITFIELDS:
+            return self._bitfields(raw, offset)
+        value = self.field("Object").extract(raw, offset)
         if not value:
             return None, 0, 0
-        granted = self.granted.extract(raw, offset)
+        granted = self.field("GrantedAccess").extract(raw, offset)
         attributes = (value & 6) | (ATTRIBUTE_PROTECT_CLOSE if granted & PROTECT_CLOSE_BIT else 0)
         return value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes
 
+    def _bitfields(self, raw: bytes, offset: int) -> tuple[int | None, int, int]:
+        """`ObjectPointerBits` (header >> 4, sign-extended), `GrantedAccessBits`, `Attributes`."""
+        pointer = self.field("ObjectPointerBits")
+        bits = pointer.extract(raw, offset)
+        if not bits:
+            return None, 0, 0
+        top = 1 << (pointer.bit_length - 1)
+        header = (((bits ^ top) - top) << 4) & MASK64
+        return (header, self.field("GrantedAccessBits").extract(raw, offset),
+                self.field("Attributes").extract(raw, offset))
+
+
+class HandleTableHeader(Struct):
+    NAME = "_HANDLE_TABLE"
+
 
 class HandleTable:
-    """One _HANDLE_TABLE; TableCode and NextHandleNeedingPool are read once."""
+    """One _HANDLE_TABLE; `TableCode` and `NextHandleNeedingPool` are read once."""
 
-    def __init__(self, kernel: Kernel, address: int, entry_format: EntryFormat):
-        self.kernel = kernel
-        self.space = kernel.space
+    def __init__(self, space: AddressSpace, layout: Layout, address: int):
+        self.space = space
+        self.layout = layout
         self.address = address
-        self.format = entry_format
-        layout = kernel.layout
-        code_field = layout.field("_HANDLE_TABLE", "TableCode")
-        bound_field = layout.field("_HANDLE_TABLE", "NextHandleNeedingPool")
-        raw = self.space.read(address, max(code_field.offset + code_field.size,
-                                           bound_field.offset + bound_field.size))
-        self.table_code = code_field.extract(raw)
-        self.next_handle_needing_pool = bound_field.extract(raw)
+        self.format = HandleTableEntry.of(layout)
+        fields = HandleTableHeader.of(layout)
+        start, size = fields.span("TableCode", "NextHandleNeedingPool")
+        raw = self.space.read(address + start, size)
+        self.table_code = fields.field("TableCode").extract(raw, -start)
+        self.next_handle_needing_pool = fields.field("NextHandleNeedingPool").extract(raw, -start)
         self.levels = self.table_code & 3
         self.top = self.table_code & ~3
         if self.levels == 3:
@@ -168,12 +192,12 @@ class HandleTable:
         """Entries that hold an object."""
         return sum(1 for e in self.entries() if isinstance(e, Entry) and e.header is not None)
 
-    def lookup(self, handle: int) -> tuple[str, Entry | None, list[TableStep]]:
-        """(status, entry, path): status valid | free | never_allocated | past_end | first_slot."""
+    def lookup(self, handle: int) -> tuple[LookupStatus, Entry | None, list[TableStep]]:
+        """(status, entry, path) of a handle value, as ExpLookupHandleTableEntry finds it."""
         value = handle & ~(HANDLE_STEP - 1)
         index = value // HANDLE_STEP
         if value >= self.next_handle_needing_pool:
-            return "past_end", None, []
+            return LookupStatus.PAST_END, None, []
         path = []
         page = self.top
         if self.levels == 2:
@@ -181,7 +205,7 @@ class HandleTable:
             path.append(TableStep(2, self.top, j))
             mid = self.space.u64(self.top + 8 * j)
             if not mid:
-                return "never_allocated", None, path
+                return LookupStatus.NEVER_ALLOCATED, None, path
             path.append(TableStep(1, mid, k))
             page = self.space.u64(mid + 8 * k)
         elif self.levels == 1:
@@ -189,17 +213,18 @@ class HandleTable:
             path.append(TableStep(1, self.top, i))
             page = self.space.u64(self.top + 8 * i)
         if not page:
-            return "never_allocated", None, path
+            return LookupStatus.NEVER_ALLOCATED, None, path
         path.append(TableStep(0, page, index % LOW_COUNT))
         address = page + ENTRY_SIZE * (index % LOW_COUNT)
         if index % LOW_COUNT == 0:
-            return "first_slot", None, path
+            return LookupStatus.FIRST_SLOT, None, path
         raw = self.space.read(address, ENTRY_SIZE)
         header, granted, attributes = self.format.decode(raw, 0)
         entry = Entry(value, address, header, granted, attributes, not any(raw))
         if header is None:
-            return ("never_allocated" if entry.empty or value > self.highest_in_use() else "free"), entry, path
-        return "valid", entry, path
+            never = entry.empty or value > self.highest_in_use()
+            return (LookupStatus.NEVER_ALLOCATED if never else LookupStatus.FREE), entry, path
+        return LookupStatus.VALID, entry, path
 
     def highest_in_use(self) -> int:
         """The largest handle value holding an object (0 if none). Windows hands out the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from gdbhandles.errors import HandleError
 from gdbhandles.windows import disasm, object_types
-from gdbhandles.windows.handle_table import EntryFormat, HandleTable
+from gdbhandles.windows.handle_table import HandleTable
 from gdbhandles.windows.infer import InferredLayout, accessor, agree, exported_code, qwords
 from gdbhandles.windows.kernel import Check, Kernel
 
@@ -44,7 +44,7 @@ def infer_thread_code(kernel: Kernel, layout: InferredLayout) -> None:
 
 def _cid_bodies(kernel: Kernel) -> tuple[dict[int, int], dict[int, int]]:
     """(pid -> EPROCESS, tid -> ETHREAD) from PspCidTable, a sample of threads."""
-    table = HandleTable(kernel, kernel.space.u64(kernel.globals["PspCidTable"]), EntryFormat(kernel))
+    table = HandleTable(kernel.space, kernel.layout, kernel.space.u64(kernel.globals["PspCidTable"]))
     processes, threads = {}, {}
     for entry in table.entries():
         body = getattr(entry, "header", None)
@@ -115,7 +115,7 @@ def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
 def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
     types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
-    body_offset, entry_format = kernel.layout.offset("_OBJECT_HEADER", "Body"), EntryFormat(kernel)
+    body_offset = kernel.layout.offset("_OBJECT_HEADER", "Body")
     links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
     table_offset = kernel.layout.offset("_EPROCESS", "ObjectTable")
     head, bodies = kernel.globals["PsActiveProcessHead"], []
@@ -123,7 +123,7 @@ def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     while entry != head and count < 4096 and len(bodies) < limit:
         table = kernel.space.u64(entry - links + table_offset)
         if table:
-            for item in HandleTable(kernel, table, entry_format).entries():
+            for item in HandleTable(kernel.space, kernel.layout, table).entries():
                 header = getattr(item, "header", None)
                 if header and object_types.decoded_type(kernel, types, header + body_offset,
                                                         kernel.header_cookie) == "Key":

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 
 from gdbhandles.windows import layouts, pe
 from gdbhandles.errors import HandleError, NotWindows, ProfileError
-from gdbhandles.windows.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory
+from gdbhandles.windows.kpcr import KPCR_IDT_BASE, KPCR_SELF, vcpu_cpl, vcpu_kpcr
+from gdbhandles.windows.memory import PAGE, PFN_MASK, AddressSpace, PhysicalMemory, SizedBackend
 
 KERNEL_PDBS = {"ntkrnlmp.pdb", "ntoskrnl.pdb", "ntkrnlpa.pdb", "ntkrpamp.pdb"}
 KUSER_SHARED_DATA = 0xFFFFF78000000000
 KUSER_BUILD_NUMBER = 0x260            # Win10+; NtMajorVersion 0x26c, NtMinorVersion 0x270
 # Before the layout is known: members at the same place in every x64 build.
-KPCR_SELF, KPCR_IDT_BASE = 0x18, 0x38
 LOW_STUB_MASK, LOW_STUB_SIGNATURE = 0xFFFFFFFFFFFF00FF, 0x00000001000600E9
 LOW_STUB_ENTRY, LOW_STUB_CR3 = 0x70, 0xA0
 LOW_STUB_RANGE = range(0x1000, 0x100000, PAGE)
@@ -59,20 +59,6 @@ class Kernel:
         return self.space.read
 
 
-def _vcpu_cpl(registers: dict) -> int:
-    return registers.get("cs", 0) & 3
-
-
-def _kpcr(registers: dict) -> int | None:
-    kpcr = registers.get("gs_base" if _vcpu_cpl(registers) == 0 else "k_gs_base")
-    return kpcr if kpcr and kpcr >> 47 == 0x1FFFF else None
-
-
-def vcpu_kpcr(registers: dict) -> int | None:
-    """The KPCR of a vCPU: GS base in kernel mode, the swapped-out KERNEL_GS_BASE in user mode."""
-    return _kpcr(registers)
-
-
 def low_stub(phys: PhysicalMemory) -> tuple[int, int, int] | None:
     """(page, kernel CR3, kernel entry) of the low-memory processor start block, if any."""
     for page in LOW_STUB_RANGE:
@@ -95,10 +81,9 @@ def self_referencing_pml4s(phys: PhysicalMemory, progress=None):
     distinct kernel half (every process's PML4 shares the kernel's). The last resort after
     the vCPUs' CR3 and the start block, so bounded: the first PML4_SCAN_LIMIT bytes (Windows
     keeps the System DTB low), zero runs skipped at once, `progress` told every 256 MiB."""
-    size = getattr(phys.backend, "size", None)
-    if not size:
+    if not isinstance(phys.backend, SizedBackend) or not phys.backend.size:
         return
-    size = min(size, PML4_SCAN_LIMIT)
+    size = min(phys.backend.size, PML4_SCAN_LIMIT)
     chunk, seen = 1 << 20, set()
     zero = bytes(chunk)
     for start in range(0, size - size % PAGE, chunk):
@@ -186,9 +171,9 @@ def _hints(space: AddressSpace, registers: list[dict], stub) -> list[tuple[int, 
     hints = []
     for index, regs in enumerate(registers):
         rip = regs.get("rip", 0)
-        if _vcpu_cpl(regs) == 0 and rip >> 47 == 0x1FFFF:
+        if vcpu_cpl(regs) == 0 and rip >> 47 == 0x1FFFF:
             hints.append((rip, f"RIP of vCPU {index}"))
-        kpcr = _kpcr(regs)
+        kpcr = vcpu_kpcr(regs)
         if kpcr is None:
             continue
         try:

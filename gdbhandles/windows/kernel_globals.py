@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from gdbhandles.errors import HandleError, MissingGlobal
 from gdbhandles.windows import disasm, layouts
-from gdbhandles.windows.handle_table import EntryFormat, HandleTable
+from gdbhandles.windows.handle_table import HandleTable
 from gdbhandles.windows.kernel import Kernel, name_known
 from gdbhandles.windows import object_types
 
@@ -109,10 +109,8 @@ def _kernel_table(kernel: Kernel) -> None:
 
 
 def _cid_table(kernel: Kernel) -> None:
-    entry_format = EntryFormat(kernel)
-
     def finds_system(address: int) -> bool:
-        table = HandleTable(kernel, kernel.space.u64(address), entry_format)
+        table = HandleTable(kernel.space, kernel.layout, kernel.space.u64(address))
         status, entry, _ = table.lookup(SYSTEM_PID)
         return status == "valid" and entry.header == kernel.system_process
 

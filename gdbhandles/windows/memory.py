@@ -1,10 +1,13 @@
 """Guest memory: physical backends, a line cache with read statistics, and the x64 page walk.
 
-A backend is anything with `read(paddr, size) -> bytes` (DumpFile here, GdbPhysical in gdb).
+A backend is a `PhysicalBackend` (DumpFile here, GdbPhysical in gdb); one with a `size` can
+be scanned whole, one with `round_trip_bytes` says what a read request costs over the wire.
 Over QEMU's gdbstub a round trip costs ~0.06 ms plus ~0.23 ms per 2 KiB, so reads are
 cached in 512-byte lines (about the bytes one round trip is worth), missing lines that are
 adjacent are fetched in one backend read, and `prefetch` gathers many small ranges into
-few reads. Page walks follow Windows: 4 levels, 1 GiB/2 MiB pages, transition entries
+few reads. `prefetch_fine` does the same in 64-byte pieces, for a few bytes each of many
+scattered structures (a type-filtered walk reads 3 bytes of each object header, and
+whole lines around them would be mostly bytes never used). Page walks follow Windows: 4 levels, 1 GiB/2 MiB pages, transition entries
 (bit 11 set, bit 10 clear, not present) still name their page.
 """
 
@@ -14,17 +17,40 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from gdbhandles.errors import UnreadablePage
 from gdbhandles.windows.files import open_regular
 
 PAGE = 0x1000
 LINE = 0x200
+FINE = 0x40                # bytes per piece of `prefetch_fine`
+FINE_GAP = 1               # pieces: a gap this small is read rather than paid a round trip for
 PFN_MASK = 0x000F_FFFF_FFFF_F000
+MASK64 = (1 << 64) - 1      # a 64-bit register or pointer, the one definition
 MAX_RUN = 0x10000          # bytes per backend read when gathering lines
 MERGE_GAP = 1              # lines: reading one unneeded line is cheaper than a round trip
 MAX_LINES = 1 << 17        # 64 MiB of cached lines, then start afresh
 PRESENT, LARGE, PROTOTYPE, TRANSITION = 1, 0x80, 1 << 10, 1 << 11
+
+
+@runtime_checkable
+class PhysicalBackend(Protocol):
+    """Where guest-physical memory comes from; UnreadablePage for what it cannot read."""
+
+    def read(self, paddr: int, size: int) -> bytes: ...
+
+
+@runtime_checkable
+class SizedBackend(PhysicalBackend, Protocol):
+    """A backend that knows how much physical memory there is (a dump), so it can be scanned."""
+    size: int
+
+
+@runtime_checkable
+class RemoteBackend(PhysicalBackend, Protocol):
+    """A backend whose every read request costs a round trip (QEMU's gdbstub)."""
+    round_trip_bytes: int            # a round trip's cost, in bytes of transfer time
 
 
 @dataclass
@@ -58,10 +84,14 @@ class DumpFile:
 class PhysicalMemory:
     """Cached physical reads over a backend, with statistics."""
 
-    def __init__(self, backend):
+    def __init__(self, backend: PhysicalBackend):
         self.backend = backend
         self.lines: dict[int, bytes] = {}
+        self.pieces: dict[int, bytes] = {}     # FINE-byte pieces from prefetch_fine
         self.stats = ReadStats()
+        # pieces read rather than skipped: over a costly round trip, as many as it is worth
+        trip = backend.round_trip_bytes if isinstance(backend, RemoteBackend) else 0
+        self.fine_gap = max(FINE_GAP, trip // FINE)
 
     def _fetch(self, first: int, count: int) -> None:
         """Read `count` lines from line address `first` in as few backend reads as allowed."""
@@ -95,6 +125,10 @@ class PhysicalMemory:
 
     def read(self, paddr: int, size: int) -> bytes:
         self.stats.reads += 1
+        piece = paddr - paddr % FINE
+        if piece in self.pieces and paddr + size <= piece + FINE:
+            self.stats.cache_hits += 1
+            return self.pieces[piece][paddr - piece:paddr - piece + size]
         first = paddr - paddr % LINE
         last = (paddr + size - 1) - (paddr + size - 1) % LINE
         if self._ensure(list(range(first, last + 1, LINE))):
@@ -124,6 +158,27 @@ class PhysicalMemory:
             wanted.update(range(first, paddr + size, LINE))
         if wanted:
             self._ensure(sorted(wanted))
+
+
+    def prefetch_fine(self, ranges: list[tuple[int, int]]) -> None:
+        """Bring many small (paddr, size) ranges into the cache as FINE-byte pieces; pieces at
+        most one piece apart come in one backend read."""
+        wanted = sorted({piece for paddr, size in ranges for piece in range(paddr - paddr % FINE, paddr + size, FINE)
+                         if piece not in self.pieces and piece - piece % LINE not in self.lines})
+        if len(self.pieces) + len(wanted) > MAX_LINES * (LINE // FINE):
+            self.pieces.clear()
+        runs: list[list[int]] = []
+        for piece in wanted:
+            if runs and piece - runs[-1][1] <= FINE * self.fine_gap and piece + FINE - runs[-1][0] <= MAX_RUN:
+                runs[-1][1] = piece + FINE
+            else:
+                runs.append([piece, piece + FINE])
+        for start, end in runs:
+            data = self.backend.read(start, end - start)
+            self.stats.round_trips += 1
+            self.stats.bytes += len(data)
+            for at in range(start, end, FINE):
+                self.pieces[at] = data[at - start:at - start + FINE]
 
 
 def _transition(entry: int) -> bool:
@@ -188,8 +243,9 @@ class AddressSpace:
     def u64(self, va: int) -> int:
         return struct.unpack("<Q", self.read(va, 8))[0]
 
-    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
-        """Cache many small virtual ranges in few reads; unmapped ones are left to fail later."""
+    def prefetch(self, ranges: list[tuple[int, int]], fine: bool = False) -> None:
+        """Cache many small virtual ranges in few reads (in FINE pieces if `fine`); unmapped
+        ones are left to fail later."""
         physical = []
         for va, size in ranges:
             end = va + size
@@ -200,7 +256,7 @@ class AddressSpace:
                 except UnreadablePage:
                     pass
                 va += chunk
-        self.phys.prefetch(physical)
+        (self.phys.prefetch_fine if fine else self.phys.prefetch)(physical)
 
     def mapped_pages(self, start: int, end: int):
         """Yield (va, size) of every mapped page or large page in [start, end), in order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gdbhandles.errors import HandleError
 from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.unicode_string import UnicodeString
 
 MAX_TYPES = 256
 MIN_TYPES = 8               # a real table holds 40-70 types
@@ -24,9 +25,7 @@ OPTIONAL_HEADERS = (("_OBJECT_HEADER_CREATOR_INFO",), ("_OBJECT_HEADER_NAME_INFO
 
 def _name(kernel: Kernel, type_object: int) -> str | None:
     layout, space = kernel.layout, kernel.space
-    raw = space.read(type_object + layout.offset("_OBJECT_TYPE", "Name"), 16)
-    length = layout.field("_UNICODE_STRING", "Length").extract(raw)
-    buffer = layout.field("_UNICODE_STRING", "Buffer").extract(raw)
+    length, buffer = UnicodeString.of(layout).fields(space, type_object + layout.offset("_OBJECT_TYPE", "Name"))
     if not length or length > MAX_TYPE_NAME or length & 1 or buffer >> 47 != 0x1FFFF:
         return None
     text = space.read(buffer, length).decode("utf-16-le", "replace")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gdbhandles.errors import HandleError
 from gdbhandles.windows import object_types
+from gdbhandles.windows.eprocess import EProcess
 from gdbhandles.windows.kernel import Check, Kernel
 from gdbhandles.windows.memory import PFN_MASK
 
@@ -28,8 +29,8 @@ def _system(kernel: Kernel) -> Check:
     """System's EPROCESS: pid 4, ImageFileName "System" """
     layout, system = kernel.layout, kernel.system_process
     pid = layout.field("_EPROCESS", "UniqueProcessId").read(kernel.space.read, system)
-    name = kernel.space.read(system + layout.offset("_EPROCESS", "ImageFileName"), 15).split(b"\0")[0]
-    return Check("System's EPROCESS: pid 4, ImageFileName \"System\"", pid == SYSTEM_PID and name == b"System",
+    name = EProcess.of(layout).read_image_file_name(kernel.space, system)
+    return Check("System's EPROCESS: pid 4, ImageFileName \"System\"", pid == SYSTEM_PID and name == "System",
                  f"pid {pid}, name {name!r} at {system:#x}")
 
 

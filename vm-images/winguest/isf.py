@@ -36,6 +36,7 @@ STUBS = {
                                     "QuadPart": (0, "long long")}),
     "_QUAD": ("struct", 8, {"UseThisFieldToCopy": (0, "long long")}),
     "_DEVICE_OBJECT": ("struct", 0x150, {"Type": (0, "short"), "Size": (2, "unsigned short")}),
+    "_SE_AUDIT_PROCESS_CREATION_INFO": ("struct", 8, {"ImageFileName": (0, "_OBJECT_NAME_INFORMATION*")}),
 }
 STUB_SIZE = 8               # any other type named only through a pointer
 # Types volatility3's Windows symbol table insists on (it attaches its classes to them).

@@ -15,6 +15,11 @@ from .vmem import KernelMemory
 DISPATCHER_PROCESS, DISPATCHER_THREAD = 3, 6
 KUSER_USER = 0x7FFE0000
 FILETIME_2023 = 133_200_000_000_000_000      # 2023-02-01 in 100 ns units since 1601
+AUDIT_NAME = "SeAuditProcessCreationInfo.ImageFileName"
+VOLUME = "\\Device\\HarddiskVolume3"
+IMAGE_FOLDERS = {"explorer.exe": "\\Windows", "chrome.exe": "\\Program Files\\Google\\Chrome\\Application",
+                 "Code.exe": "\\Program Files\\Microsoft VS Code"}
+SYSTEM32 = "\\Windows\\System32"
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Thread:
 @dataclass
 class Process:
     pid: int
-    name: str
+    name: str                                # as Task Manager shows it: the image path's last part
     obj: KObject
     space: AddressSpace
     ppid: int = 0
@@ -42,6 +47,12 @@ class Process:
     token: KObject | None = None
     exiting: bool = False
     user_pages: dict[int, int] = field(default_factory=dict)   # VA -> PA of user pages
+    image_path: str | None = None            # SeAuditProcessCreationInfo's NT path (None: System)
+
+    @property
+    def image_file_name(self) -> str:
+        """_EPROCESS.ImageFileName keeps 15 bytes."""
+        return self.name[:15]
 
     @property
     def eprocess(self) -> int:
@@ -97,11 +108,16 @@ class ProcessBuilder:
         return self.user_va
 
     def create(self, name: str, pid: int, ppid: int, *, system=False, exiting=False) -> Process:
+        """A process of image `name`; a tool reports its full name only where the profile has
+        SeAuditProcessCreationInfo, else the 15-byte ImageFileName."""
         L = self.L
         obj = self.om.create("Process", L.size("_EPROCESS"), info=QUOTA if not system else 0,
                              report_name=None)
         space = self.system_space if system else AddressSpace(self.phys)
-        proc = Process(pid, name, obj, space, ppid, exiting=exiting)
+        audit = L.has("_EPROCESS", AUDIT_NAME) and not system
+        path = f"{VOLUME}{IMAGE_FOLDERS.get(name, SYSTEM32)}\\{name}"
+        proc = Process(pid, name if audit else name[:15], obj, space, ppid, exiting=exiting,
+                       image_path=path if audit else None)
         obj.name = proc.label
         self.ids.add(pid)
         if not system:
@@ -165,9 +181,11 @@ class ProcessBuilder:
             L.put(b, 0, E, "Token", proc.token.body | self.rng.randrange(1, 16))
         created = FILETIME_2023 + self.rng.randrange(0, 10**13) if proc.pid != 4 else 0
         L.put(b, 0, E, "CreateTime", created)
-        name = proc.name.encode()[:15]
+        name = proc.image_file_name.encode()
         at = L.off(E, "ImageFileName")
         b[at:at + len(name)] = name
+        if proc.image_path is not None:
+            L.put(b, 0, E, AUDIT_NAME, self._object_name_information(proc.image_path))
         body = proc.eprocess
         struct.pack_into("<QQ", b, kth, body + kth, body + kth)
         head = body + L.off(E, "ThreadListHead")
@@ -180,6 +198,16 @@ class ProcessBuilder:
         self.kmem.write(body, bytes(b))
         for i, t in enumerate(proc.threads):
             self._write_thread(proc, t, ring[i], ring[(i + 2) % len(ring)])
+
+    def _object_name_information(self, path: str) -> int:
+        """An _OBJECT_NAME_INFORMATION with its buffer right behind it, as
+        SeInitializeProcessAuditName allocates it (one paged pool block)."""
+        size = self.L.size("_OBJECT_NAME_INFORMATION")
+        data = path.encode("utf-16-le") + b"\0\0"
+        va = self.om.pools["paged"].alloc(size + len(data), b"SeOn")
+        self.kmem.unicode_string(va + self.L.off("_OBJECT_NAME_INFORMATION", "Name"), va + size, path)
+        self.kmem.write(va + size, data)
+        return va
 
     def _write_thread(self, proc: Process, t: Thread, prev: int, nxt: int) -> None:
         L = self.L

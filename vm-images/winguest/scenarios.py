@@ -47,15 +47,10 @@ ACCESS = {
 WIN10_PROCESSES = [("System", 4, 0), ("smss.exe", 340, 4), ("csrss.exe", 436, 428),
                    ("wininit.exe", 512, 428), ("services.exe", 652, 512), ("lsass.exe", 672, 512),
                    ("svchost.exe", 788, 652), ("svchost.exe", 840, 652), ("explorer.exe", 3512, 3480),
-                   ("WerFault.exe", 4188, 840)]
+                   ("RuntimeBroker.exe", 3956, 788), ("WerFault.exe", 4188, 840)]
 BIG_NAMES = ["svchost.exe", "RuntimeBroker.exe", "chrome.exe", "conhost.exe", "dllhost.exe",
              "SearchProtocolHost.exe", "MsMpEng.exe", "taskhostw.exe", "backgroundTaskHost.exe",
              "WmiPrvSE.exe", "spoolsv.exe", "audiodg.exe", "sihost.exe", "ctfmon.exe", "Code.exe"]
-
-
-def image_name(name: str) -> str:
-    """EPROCESS.ImageFileName keeps 15 characters."""
-    return name[:15]
 
 
 def attributes(rng: random.Random) -> int:
@@ -123,7 +118,7 @@ class Population:
         out = []
         self.w.pb.ids.update(pid for _, pid, _ in specs)
         for name, pid, ppid in specs:
-            p = self.w.process(image_name(name), pid, ppid, exiting=name == "WerFault.exe")
+            p = self.w.process(name, pid, ppid, exiting=name == "WerFault.exe")
             for _ in range(12 if pid == 4 else self.rng.randrange(1, 5)):
                 self.w.thread(p)
             out.append(p)

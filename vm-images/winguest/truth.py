@@ -8,7 +8,8 @@ GLOBALS = ["PsActiveProcessHead", "PspCidTable", "ObpKernelHandleTable", "ObType
 
 def process_record(p) -> dict:
     t = p.table
-    return {"pid": p.pid, "name": p.name, "eprocess": p.eprocess, "dtb": p.dtb, "user_dtb": p.user_dtb,
+    return {"pid": p.pid, "name": p.name, "image_file_name": p.image_file_name, "image_path": p.image_path,
+            "eprocess": p.eprocess, "dtb": p.dtb, "user_dtb": p.user_dtb,
             "handle_table": t.va if t else 0, "table_code": t.table_code if t else 0,
             "level": t.level if t else None,
             "next_handle_needing_pool": t.next_handle_needing_pool if t else 0,

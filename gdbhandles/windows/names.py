@@ -1,0 +1,121 @@
+"""An object's name, per type, where Windows keeps it.
+
+File → its device's object path + `_FILE_OBJECT.FileName` (`\\Device\\HarddiskVolume3\\Windows`,
+as ObQueryNameString and volatility3 give it); Key → the control block chain
+(`\\REGISTRY\\MACHINE\\…`); Process → `image(pid)`; Thread → the thread id; anything else →
+the name-info optional header. Each rule reads only its own structures, so a layout that
+lacks a registry member leaves Key names unknown (ProfileError) and nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+from gdbhandles.errors import HandleError
+from gdbhandles.windows.ethread import EThread
+from gdbhandles.windows.file_object import FileObject
+from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.object_header import NAME_INFO_BIT, Header, Headers, ObjectHeaderNameInfo
+from gdbhandles.windows.registry_key import key_path
+from gdbhandles.windows.unicode_string import UnicodeString
+
+__all__ = ["NameSource", "Names", "MAX_DIRECTORY_DEPTH"]
+
+MAX_DIRECTORY_DEPTH = 16
+NAME_REACH = 0x40           # bytes before a header: every optional header that can hold a name
+BODY_REACH = 0x80           # bytes of the body the per-type rules read (FILE_OBJECT.FileName …)
+
+
+class NameSource(enum.Enum):
+    """Where the name of an object of some type lives."""
+    NAME_INFO = "_OBJECT_HEADER_NAME_INFO.Name"
+    FILE = "device path + _FILE_OBJECT.FileName"
+    KEY = "_CM_KEY_BODY → _CM_KEY_CONTROL_BLOCK chain"
+    PROCESS = "image name(pid) of the _EPROCESS"
+    THREAD = "_ETHREAD.Cid.UniqueThread"
+    NONE = "no name"
+
+
+BY_TYPE = {"File": NameSource.FILE, "Key": NameSource.KEY, "Process": NameSource.PROCESS,
+           "Thread": NameSource.THREAD}
+
+
+class Names:
+    """Names of one kernel's objects; `process_label(eprocess)` names processes (`lsass.exe(672)`)."""
+
+    def __init__(self, kernel: Kernel, headers: Headers, process_label: Callable[[int], str]):
+        self.kernel = kernel
+        self.headers = headers
+        self.process_label = process_label
+        self.paths: dict[int, str] = {}
+        self.decoded: dict[int, str | None] = {}
+
+    def source(self, header: Header) -> NameSource:
+        if header.type in BY_TYPE:
+            return BY_TYPE[header.type]
+        return NameSource.NAME_INFO if header.info_mask & NAME_INFO_BIT else NameSource.NONE
+
+    def name(self, header: Header) -> str | None:
+        """The object's name; HandleError if unreadable, ProfileError if the layout lacks a member."""
+        if header.header not in self.decoded:
+            self.decoded[header.header] = self._decode(header)
+        return self.decoded[header.header]
+
+    def _decode(self, header: Header) -> str | None:
+        source = self.source(header)
+        space, layout, body = self.kernel.space, self.kernel.layout, header.body
+        if source is NameSource.NAME_INFO:
+            return ObjectHeaderNameInfo.of(layout).name(self.kernel, self.headers.name_info(header))
+        if source is NameSource.FILE:
+            return self.file_name(body)
+        if source is NameSource.KEY:
+            return key_path(space, layout, body)
+        if source is NameSource.PROCESS:
+            return self.process_label(body)
+        if source is NameSource.THREAD:
+            return str(EThread.of(layout).thread_id(space, body))
+        return None
+
+    def file_name(self, body: int) -> str | None:
+        """Device path + FileName; the device part is left out when the device has no name."""
+        files = FileObject.of(self.kernel.layout)
+        device = files.device(self.kernel.space, body)
+        try:
+            prefix = self.object_path(device) if device else ""
+        except HandleError:
+            prefix = ""
+        return (prefix + (files.file_name(self.kernel.space, body) or "")) or None
+
+    def object_path(self, body: int) -> str:
+        """A named object's full path (`\\Device\\HarddiskVolume3`): its name-info names up the
+        Directory chain to the root directory (the one without a parent); '' when unnamed."""
+        if body not in self.paths:
+            info_struct = ObjectHeaderNameInfo.of(self.kernel.layout)
+            parts, current = [], body
+            while current and len(parts) < MAX_DIRECTORY_DEPTH:
+                info = self.headers.name_info(self.headers.at_body(current))
+                if info is None:                  # unnamed: the path ends here
+                    break
+                current = info_struct.directory(self.kernel, info)
+                if current:
+                    parts.append(info_struct.name(self.kernel, info) or "")
+            self.paths[body] = "\\" + "\\".join(reversed(parts)) if parts else ""
+        return self.paths[body]
+
+    def prefetch(self, headers: list[Header]) -> None:
+        """Bring the name-info headers and body fields, then the strings they point to, into
+        the cache in few reads, for objects whose names will be decoded next."""
+        space, layout = self.kernel.space, self.kernel.layout
+        space.prefetch([(h.header - NAME_REACH, NAME_REACH + (h.body - h.header) + BODY_REACH) for h in headers])
+        strings = []
+        for header in headers:
+            source = self.source(header)
+            try:
+                if source is NameSource.NAME_INFO:
+                    strings.append(ObjectHeaderNameInfo.of(layout).name_address(self.headers.name_info(header)))
+                elif source is NameSource.FILE:
+                    strings.append(FileObject.of(layout).file_name_address(header.body))
+            except HandleError:       # ProfileError included: the name decode will report it
+                continue
+        space.prefetch(UnicodeString.of(layout).buffers(space, strings))

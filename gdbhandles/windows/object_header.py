@@ -1,0 +1,130 @@
+"""_OBJECT_HEADER: the object's type (cookie-encoded TypeIndex) and its optional headers.
+
+Body = header + `Body`. Type = `ObTypeIndexTable[TypeIndex]`, with TypeIndex decoded as
+`TypeIndex ^ cookie ^ ((header >> 8) & 0xff)` on builds with `ObHeaderCookie`. Optional
+headers precede the header; the one of InfoMask bit b sits at
+`header - ObpInfoMaskToOffset[InfoMask & ((b << 1) - 1)]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gdbhandles.errors import HandleError
+from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.structure import Struct
+from gdbhandles.windows.unicode_string import UnicodeString
+
+__all__ = ["NAME_INFO_BIT", "ObjectHeader", "ObjectHeaderNameInfo", "ObjectType", "Header", "Headers"]
+
+NAME_INFO_BIT = 0x02
+
+
+class ObjectHeader(Struct):
+    NAME = "_OBJECT_HEADER"
+
+    def body_offset(self) -> int:
+        """`Body`: where the object itself starts (0x30 on every x64 build)."""
+        return self.offset("Body")
+
+    def type_index(self, raw: bytes, base: int = 0) -> int:
+        """`TypeIndex` as stored (cookie-encoded on Win10+)."""
+        return self.field("TypeIndex").extract(raw, base)
+
+    def info_mask(self, raw: bytes, base: int = 0) -> int:
+        """`InfoMask`: which optional headers precede this one."""
+        return self.field("InfoMask").extract(raw, base)
+
+
+class ObjectHeaderNameInfo(Struct):
+    NAME = "_OBJECT_HEADER_NAME_INFO"
+
+    def name(self, kernel: Kernel, info: int) -> str | None:
+        """`Name`: the object's own name (last path component)."""
+        return UnicodeString.of(self.layout).read(kernel.space, info + self.offset("Name"))
+
+    def name_address(self, info: int) -> int:
+        return info + self.offset("Name")
+
+    def directory(self, kernel: Kernel, info: int) -> int:
+        """`Directory`: the object directory holding it (0 for the root)."""
+        return kernel.space.u64(info + self.offset("Directory"))
+
+
+class ObjectType(Struct):
+    NAME = "_OBJECT_TYPE"
+
+    def name(self, kernel: Kernel, type_object: int) -> str | None:
+        """`Name`: "File", "Key", "ALPC Port" …"""
+        return UnicodeString.of(self.layout).read(kernel.space, type_object + self.offset("Name"))
+
+
+@dataclass(frozen=True)
+class Header:
+    """What one _OBJECT_HEADER says, before any name is read."""
+    header: int
+    body: int
+    type: str | None
+    info_mask: int
+
+
+class Headers:
+    """The object headers of one kernel; type names and decoded headers are cached."""
+
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+        self.struct = ObjectHeader.of(kernel.layout)
+        self.types: dict[int, str | None] = {}
+        self.decoded: dict[int, Header] = {}
+
+    def real_type_index(self, header: int, stored: int) -> int:
+        """TypeIndex as stored, decoded with ObHeaderCookie on builds that have one."""
+        cookie = self.kernel.header_cookie
+        if cookie is None:
+            return stored
+        return stored ^ cookie ^ ((header >> 8) & 0xFF)
+
+    def type_of_index(self, index: int) -> str | None:
+        """The name of `ObTypeIndexTable[index]`; None when that slot is empty or unreadable."""
+        if index not in self.types:
+            table = self.kernel.globals["ObTypeIndexTable"]
+            try:
+                type_object = self.kernel.space.u64(table + 8 * index)
+                self.types[index] = ObjectType.of(self.kernel.layout).name(self.kernel, type_object) \
+                    if type_object else None
+            except HandleError:
+                self.types[index] = None
+        return self.types[index]
+
+    def read(self, header: int) -> Header:
+        """Type and InfoMask of the object at `header` (3 bytes read); HandleError if unreadable."""
+        known = self.decoded.get(header)
+        if known is None:
+            start, size = self.struct.span("TypeIndex", "InfoMask")
+            raw = self.kernel.space.read(header + start, size)
+            index = self.real_type_index(header, self.struct.type_index(raw, -start))
+            known = Header(header, header + self.struct.body_offset(), self.type_of_index(index),
+                           self.struct.info_mask(raw, -start))
+            self.decoded[header] = known
+        return known
+
+    def at_body(self, body: int) -> Header:
+        return self.read(body - self.struct.body_offset())
+
+    def optional(self, header: Header, bit: int) -> int | None:
+        """Address of the optional header of InfoMask `bit`, None if this object has none."""
+        if not header.info_mask & bit:
+            return None
+        return header.header - self.kernel.info_mask_to_offset[header.info_mask & (bit | (bit - 1))]
+
+    def name_info(self, header: Header) -> int | None:
+        """Address of the `_OBJECT_HEADER_NAME_INFO` (InfoMask 0x02), or None."""
+        return self.optional(header, NAME_INFO_BIT)
+
+    def prefetch(self, headers: list[int], fine: bool = False) -> None:
+        """Bring the TypeIndex and InfoMask of many headers into the cache in few reads; `fine`
+        reads small pieces instead of whole lines (when few names will be read next)."""
+        fresh = sorted({h for h in headers if h not in self.decoded})
+        if fresh:
+            start, size = self.struct.span("TypeIndex", "InfoMask")
+            self.kernel.space.prefetch([(h + start, size) for h in fresh], fine)

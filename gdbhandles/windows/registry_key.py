@@ -1,0 +1,63 @@
+"""A registry key object: _CM_KEY_BODY → _CM_KEY_CONTROL_BLOCK chain → _CM_NAME_CONTROL_BLOCK.
+
+The key's full path (`\\REGISTRY\\MACHINE\\SOFTWARE\\…`) is the names of its control block and
+of every `ParentKcb` above it; a name block holds the name compressed (one byte per
+character) or as UTF-16.
+"""
+
+from __future__ import annotations
+
+from gdbhandles.windows.memory import AddressSpace
+from gdbhandles.windows.structure import Struct
+from gdbhandles.windows.unicode_string import MAX_NAME
+
+__all__ = ["KeyBody", "KeyControlBlock", "NameControlBlock", "key_path", "MAX_KEY_DEPTH"]
+
+MAX_KEY_DEPTH = 64          # control blocks above a key: deeper chains are taken as loops
+
+
+class KeyBody(Struct):
+    NAME = "_CM_KEY_BODY"
+
+    def control_block(self, space: AddressSpace, body: int) -> int:
+        """`KeyControlBlock`: the key's _CM_KEY_CONTROL_BLOCK."""
+        return self.field("KeyControlBlock").read(space.read, body)
+
+
+class KeyControlBlock(Struct):
+    NAME = "_CM_KEY_CONTROL_BLOCK"
+
+    def name_block(self, space: AddressSpace, kcb: int) -> int:
+        """`NameBlock`: the _CM_NAME_CONTROL_BLOCK holding this key's own name."""
+        return self.field("NameBlock").read(space.read, kcb)
+
+    def parent(self, space: AddressSpace, kcb: int) -> int:
+        """`ParentKcb`: the parent key's control block, 0 at the root."""
+        return self.field("ParentKcb").read(space.read, kcb)
+
+
+class NameControlBlock(Struct):
+    NAME = "_CM_NAME_CONTROL_BLOCK"
+
+    def name(self, space: AddressSpace, block: int) -> str:
+        """`Name` (`NameLength` bytes), Latin-1 when the `Compressed` bit is set, else UTF-16."""
+        at = self.offset("Name")
+        head = space.read(block, at)
+        length = min(self.field("NameLength").extract(head), MAX_NAME)
+        raw = space.read(block + at, length)
+        if self.field("Compressed").extract(head):
+            return raw.decode("latin-1")
+        return raw.decode("utf-16-le", "replace")
+
+
+def key_path(space: AddressSpace, layout, body: int) -> str | None:
+    """\\REGISTRY\\… of the key body at `body`, up through ParentKcb; None without a name."""
+    kcbs, names = KeyControlBlock.of(layout), NameControlBlock.of(layout)
+    kcb = KeyBody.of(layout).control_block(space, body)
+    parts: list[str] = []
+    while kcb and len(parts) < MAX_KEY_DEPTH:
+        block = kcbs.name_block(space, kcb)
+        if block:
+            parts.append(names.name(space, block))
+        kcb = kcbs.parent(space, kcb)
+    return "\\" + "\\".join(reversed(parts)) if parts else None
