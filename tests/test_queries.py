@@ -21,6 +21,11 @@ def registers(truth: dict) -> list[dict]:
              "k_gs_base": v["k_gs_base"]} for v in truth["vcpus"]]
 
 
+def problems(windows: Windows) -> list:
+    """Warnings other than the note that a layout has no full image names (the extra builds)."""
+    return [w for w in windows.warnings if "full image names unknown" not in w.message]
+
+
 def opened(profile: str, scenario: str, built_guest) -> tuple[Windows, dict]:
     directory = built_guest(profile, scenario)
     truth = json.loads((directory / "truth.json").read_text())
@@ -66,7 +71,7 @@ def test_a_current_process_off_the_list_is_named_not_guessed(built_guest):
 def test_cid_table_names_every_process_and_thread(built_guest, profile):
     windows, truth = opened(profile, "default", built_guest)
     records = queries.cid_all(windows)
-    assert windows.warnings == []
+    assert problems(windows) == []
     expected = {p["pid"]: ("Process", p["eprocess"], p["pid"], None) for p in truth["processes"]}
     expected.update({t["tid"]: ("Thread", t["ethread"], p["pid"], t["tid"])
                      for p in truth["processes"] for t in p["threads"]})
@@ -83,7 +88,7 @@ def test_cid_table_names_every_process_and_thread(built_guest, profile):
 def test_free_entries_in_free_list_order(built_guest, profile):
     windows, truth = opened(profile, "default", built_guest)
     free = list(queries.free_entries(windows))
-    assert windows.warnings == []
+    assert problems(windows) == []
     for process in truth["processes"]:
         mine = [r for r in free if r.pid == process["pid"]]
         ordered = sorted((r for r in mine if r.free_position is not None), key=lambda r: r.free_position)
