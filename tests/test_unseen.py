@@ -18,7 +18,7 @@ from gdbhandles.engine import Windows
 from gdbhandles.windows import disasm, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
-from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy
+from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy, short_names
 from winguest.kernel_image import build_kernel_image
 from winguest.profiles import Layout, all_profiles
 
@@ -79,6 +79,7 @@ def test_infer_mode_equals_truth_on_every_profile(guest, profile):
     info = windows.info()
     assert info.profile.startswith("inferred")
     assert set(INFERRED) <= set(info.inferred), info.inferred
+    truth = short_names(truth)          # SeAuditProcessCreationInfo is not inferred
     check_processes(windows, truth)
     check_handles(windows, truth)
     check_lookups(windows, truth, every=29)
@@ -98,6 +99,8 @@ def test_varied_code_guests_equal_truth(guest, profile, layout):
         assert info.globals[name] == truth["globals"][name], name
         assert "checked" in info.sources[name]
     assert info.header_cookie == truth["header_cookie"]
+    if layout == "infer":               # SeAuditProcessCreationInfo is not inferred
+        truth = short_names(truth)
     check_processes(windows, truth)
     check_handles(windows, truth)
     assert all(passed for _, passed, _ in info.checks), info.checks
@@ -115,6 +118,7 @@ def test_future_build_is_read_by_inference_alone(guest):
     assert all("code:" in info.inferred[f] and "live:" in info.inferred[f]
                for f in ("_EPROCESS.UniqueProcessId", "_EPROCESS.ImageFileName", "_EPROCESS.ObjectTable",
                          "_ETHREAD.Cid"))
+    truth = short_names(truth)          # SeAuditProcessCreationInfo is not inferred
     check_processes(windows, truth)
     check_handles(windows, truth)
     check_lookups(windows, truth)
@@ -165,7 +169,7 @@ def test_cli_layout_infer(guest):
     directory, truth = guest("9600")
     result = cli("walk", "--dump", str(directory / "memory.raw"), "--layout", "infer", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == truth["handles"]
+    assert json.loads(result.stdout) == short_names(truth)["handles"]     # no full image names inferred
     result = cli("info", "--dump", str(directory / "memory.raw"), "--layout", "infer")
     assert "inferred offsets" in result.stdout and "_EPROCESS.ObjectTable" in result.stdout
     assert "checks       " in result.stdout and "FAILED" not in result.stdout
