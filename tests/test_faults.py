@@ -369,3 +369,21 @@ def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch):
         wait_until(lambda: gdb.console("handle vmstatus").strip().splitlines()[-1] in in_step, what="in step")
         gone(helpers)
         assert leftovers(tmp) == []
+
+
+@pytest.mark.parametrize("victim", ["gdb-mi", "qemu-system-x86"])
+def test_run_survives_its_gdb_or_qemu_being_killed(snapshotted, tmp_path, victim):
+    """SIGKILL to the gdb or the QEMU that `gdbhandles run` drives: one line, exit 2, nothing left."""
+    tmp = tmp_path / "tmp"
+    run = cli(["run", "--qemu", snapshotted, "--snapshot", "base", "--", *MANY], tmp)
+    try:
+        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb")
+        os.kill(next(pid for pid, name in started.items() if name.startswith(victim)), signal.SIGKILL)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    gone(started)
+    assert leftovers(tmp) == []
