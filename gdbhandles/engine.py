@@ -5,6 +5,9 @@ per vCPU (rip, cs, cr3, gs_base, k_gs_base …), the selected vCPU first, or Non
 A walk decodes entry, header and type first, applies the pid and type filters, and reads
 names only for the handles that are left (the name filter last): names are most of the
 bytes a walk reads.
+
+About 330 lines: the four operations and the warnings each may give belong together; what
+they are built from lives in windows/ (one module per structure) and processes.py.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from gdbhandles.errors import (BadHandle, HandleError, NoHandleTable, ProcessNotFound, ProfileError,
-                               UnknownType)
+from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProfileError, UnknownType
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
 from gdbhandles.windows import access, discovery, kernel as kernel_module
-from gdbhandles.windows.eprocess import Process, active_processes, image_path, read_process
+from gdbhandles.processes import ProcessList
+from gdbhandles.windows.eprocess import Process
 from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
 from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
 from gdbhandles.windows.memory import MASK64, PhysicalMemory
@@ -66,9 +69,8 @@ class Windows:
         self.headers = Headers(kernel)
         self.names = Names(kernel, self.headers, lambda eprocess: self.process_at(eprocess).label)
         self.warnings: list[WalkWarning] = []
-        self._list: list[Process] | None = None
-        self._by_eprocess: dict[int, Process] = {}
-        self._notes: list[WalkWarning] = []      # what reading the process list met
+        self.process_list = ProcessList(kernel)
+        self._noted = False                      # process_list's notes are in self.warnings
 
     @classmethod
     def open(cls, phys, registers: list[dict] | None = None, dtb: int | None = None,
@@ -85,59 +87,24 @@ class Windows:
     # --- processes -------------------------------------------------------------------------
 
     def _processes(self) -> list[Process]:
-        """The active process list with full image names, read once."""
-        if self._list is None:
-            self._list = [self._with_path(p) for p in active_processes(self.kernel)]
-            self._by_eprocess.update((p.eprocess, p) for p in self._list)
-            self.warnings.extend(self._notes)
-        return self._list
-
-    def _note(self, warning: WalkWarning) -> None:
-        if all(str(w) != str(warning) for w in self._notes):
-            self._notes.append(warning)
-
-    def _with_path(self, process: Process) -> Process:
-        """The process with its full image path, or as it is with a note saying why not."""
-        try:
-            path = image_path(self.kernel, process)
-        except ProfileError as exc:
-            self._note(WalkWarning(None, None, f"full image names unknown ({exc}); process names are "
-                                               "the 15-byte ImageFileName"))
-            return process
-        except HandleError as exc:
-            self._note(WalkWarning(process.pid, process.image_file_name,
-                                   f"full image name unreadable ({exc}); showing ImageFileName"))
-            return process
-        return replace(process, image_path=path) if path else process
+        listed = self.process_list.all()
+        if not self._noted:
+            self._noted = True
+            self.warnings.extend(self.process_list.notes)
+        return listed
 
     def process_at(self, eprocess: int) -> Process:
-        """The process of the _EPROCESS at `eprocess` with its full name, also one no longer
-        on the list."""
-        self._processes()
-        process = self._by_eprocess.get(eprocess)
-        if process is None:
-            process = self._by_eprocess[eprocess] = self._with_path(read_process(self.kernel, eprocess))
-        return process
+        """The process of the _EPROCESS at `eprocess` with its full name (processes.ProcessList.at)."""
+        return self.process_list.at(eprocess)
 
-    def _select(self, target: int | str | None) -> list[Process]:
-        processes = self._processes()
-        if target is None:
-            return processes
-        if isinstance(target, str):
-            chosen = _by_name(processes, target)
-        else:
-            chosen = [p for p in processes if p.pid == target]
-        if not chosen:
-            what = f"named {target}" if isinstance(target, str) else f"with pid {target} ({target:#x})"
-            raise ProcessNotFound(f"no process {what}")
-        return chosen
+    def select(self, target: int | str | None) -> list[Process]:
+        """The processes `target` names: None (all), a pid, an image name or a unique prefix."""
+        self._processes()
+        return self.process_list.select(target)
 
     def _one(self, target: int | str) -> Process:
-        chosen = self._select(target)
-        if len(chosen) > 1:
-            pids = ", ".join(str(p.pid) for p in chosen)
-            raise ProcessNotFound(f"{len(chosen)} processes are named {chosen[0].name} (pids {pids}): give a pid")
-        return chosen[0]
+        self._processes()
+        return self.process_list.one(target)
 
     def _table(self, address: int) -> HandleTable:
         return HandleTable(self.kernel.space, self.kernel.layout, address)
@@ -167,10 +134,10 @@ class Windows:
         list and handle order. `object` (a body address) keeps only the entries pointing to it,
         before any decoding. Unreadable pages and bad entries become warnings (`warn` or
         `self.warnings`)."""
-        chosen = self._select(target)
+        chosen = self.select(target)
         if target is not None and len(chosen) == 1 and not chosen[0].table:
             raise NoHandleTable(_no_table(chosen[0]))
-        for note in self._notes if warn else ():
+        for note in self.process_list.notes if warn else ():
             warn(note)
         walk = _Walk(warn or self.warnings.append, self._type_name(type).lower() if type else None,
                      name.lower() if name else None,
@@ -356,21 +323,6 @@ class Windows:
             warnings=notes + [str(w) for w in self.warnings],
             checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
             inferred=dict(getattr(kernel.layout, "how", {})))
-
-
-def _by_name(processes: list[Process], text: str) -> list[Process]:
-    """Processes named `text` (full or 15-byte name, any case), else those whose full name
-    starts with it, when that prefix names one image only."""
-    wanted = text.lower()
-    exact = [p for p in processes if wanted in (p.name.lower(), p.image_file_name.lower())]
-    if exact:
-        return exact
-    prefixed = [p for p in processes if p.name.lower().startswith(wanted)]
-    names = sorted({p.name for p in prefixed})
-    if len(names) > 1:
-        shown = ", ".join(names[:6]) + (" …" if len(names) > 6 else "")
-        raise ProcessNotFound(f"{text!r} starts {len(names)} image names ({shown}): give more of it or a pid")
-    return prefixed
 
 
 def _no_table(process: Process) -> str:

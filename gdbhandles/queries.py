@@ -35,7 +35,7 @@ def current_process(windows: Windows, vcpu: int = 0) -> tuple[Process, str]:
     attached = KThread.of(layout).process(space, thread)
     owner = KThread.of(layout).owner(space, thread)
     process = windows.process_at(attached)
-    if all(p.eprocess != attached for p in windows._select(None)):
+    if all(p.eprocess != attached for p in windows.select(None)):
         raise HandleError(f"the current process of vCPU {vcpu}, {process.name}({process.pid}) at {attached:#x}, is "
                           "not on the active process list (the idle process, or one being created or torn "
                           "down): give a pid")
@@ -85,7 +85,7 @@ def cid_all(windows: Windows) -> list[CidRecord]:
 def free_entries(windows: Windows, target: int | str | None = None, warn=None) -> Iterator[FreeEntryRecord]:
     """Every entry without an object of the chosen processes, with its free-list position."""
     report = warn or windows.warnings.append
-    for process in windows._select(target):
+    for process in windows.select(target):
         if not process.table:
             continue
         try:

@@ -12,7 +12,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gdbhandles"
 
 RANK = {"gdbhandles.errors": 0, "gdbhandles.windows": 1, "gdbhandles.records": 2, "gdbhandles.diff": 2,
-        "gdbhandles.engine": 3, "gdbhandles.queries": 3, "gdbhandles.render": 3, "gdbhandles.version": 3,
+        "gdbhandles.engine": 3, "gdbhandles.queries": 3, "gdbhandles.processes": 3, "gdbhandles.render": 3, "gdbhandles.version": 3,
         "gdbhandles.render_queries": 3,
         "gdbhandles.commandspec": 3, "gdbhandles.expressions": 3, "gdbhandles.automation": 4, "gdbhandles.gdb": 5, "gdbhandles.cli": 6, "gdbhandles.api": 6,
         "gdbhandles.__main__": 6, "gdbhandles.pytest_plugin": 6, "gdbhandles.gdbinit": 7}

@@ -52,7 +52,7 @@ def mark(args: argparse.Namespace) -> None:
     shown = frame(args)
     with session.open() as windows:
         if args.targets:
-            pids = sorted({p.pid for t in args.targets for p in windows._select(t)})
+            pids = sorted({p.pid for t in args.targets for p in windows.select(t)})
             records = [r for pid in pids for r in windows.walk(pid, progress=shown.progress, warn=shown.warn)]
         else:
             pids, records = None, list(windows.walk(None, progress=shown.progress, warn=shown.warn))
