@@ -275,10 +275,10 @@ def _walk(windows, args, frame: Frame) -> Output:
         return Output(render_queries.free_table(records, frame.width, frame.paint), render_queries.free_json(records),
                       render_queries.free_summary(records), records, note)
     started = time.monotonic()
-    before = windows.info().stats
+    before = windows.stats()
     records = list(windows.walk(target, type=args.type, name=args.name, progress=frame.progress,
                                 warn=frame.warn))
-    stats = render.stats_since(windows.info().stats, before)
+    stats = render.stats_since(windows.stats(), before)
     summary = render.walk_summary(records, time.monotonic() - started, stats)
     return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
                   summary, records, note)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProfileError, UnknownType
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
-from gdbhandles.windows import access, discovery, kernel as kernel_module
+from gdbhandles.windows import access, discovery, kernel as kernel_module, validate
 from gdbhandles.processes import ProcessList
 from gdbhandles.windows.eprocess import Process
 from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
@@ -310,8 +310,16 @@ class Windows:
 
     # --- info ------------------------------------------------------------------------------
 
+    def stats(self) -> ReadStats:
+        """The memory reads so far (a copy)."""
+        return ReadStats(**vars(self.kernel.phys.stats))
+
     def info(self) -> InfoRecord:
+        """What discovery found; also runs the checks that read every process (once), after
+        taking the read statistics."""
         kernel = self.kernel
+        stats = self.stats()
+        validate.run_deferred(kernel)
         notes = [f"{name} borrowed from profile {version}" for name, version in kernel.layout.borrowed.items()]
         return InfoRecord(
             build=kernel.build, layout=kernel.layout.version,
@@ -319,7 +327,7 @@ class Windows:
             kernel_base=kernel.base, kernel_size=kernel.image.size_of_image, dtb=kernel.space.dtb,
             dtb_source=kernel.dtb_source, kernel_base_source=kernel.base_source, profile=kernel.layout.source,
             globals=dict(kernel.globals), sources=dict(kernel.sources),
-            stats=ReadStats(**vars(kernel.phys.stats)), header_cookie=kernel.header_cookie,
+            stats=stats, header_cookie=kernel.header_cookie,
             warnings=notes + [str(w) for w in self.warnings],
             checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
             inferred=dict(getattr(kernel.layout, "how", {})))

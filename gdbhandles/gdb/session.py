@@ -179,15 +179,15 @@ class Session:
         """A new engine; the previous one's DTB and kernel base first, as hints."""
         previous = self.windows
         if previous is not None:
-            facts = previous.info()
+            facts = previous.kernel       # not info(): that runs the whole-list checks
             try:
-                windows = Windows.open(phys, registers=registers, dtb=facts.dtb,
-                                       kernel_base=facts.kernel_base, isf=self.isf, layout=self.layout)
+                windows = Windows.open(phys, registers=registers, dtb=facts.space.dtb,
+                                       kernel_base=facts.base, isf=self.isf, layout=self.layout)
             except HandleError:
                 pass                 # the guest rebooted or the kernel moved: start over
             else:                    # say how they were found in the first place
                 windows.kernel.dtb_source = facts.dtb_source
-                windows.kernel.base_source = f"{facts.kernel_base_source}; revalidated after the guest ran"
+                windows.kernel.base_source = f"{facts.base_source}; revalidated after the guest ran"
                 return windows
         self.opens += 1
         return Windows.open(phys, registers=registers, dtb=self.dtb, kernel_base=self.kernel_base, isf=self.isf,

@@ -54,6 +54,7 @@ class Kernel:
     system_process: int = 0
     kernel_table: int = 0
     checks: list[Check] = field(default_factory=list)
+    deferred_checks_done: bool = False        # validate.run_deferred ran
 
     def va_reader(self):
         return self.space.read

@@ -54,6 +54,19 @@ def read_table(kernel: Kernel, address: int) -> dict[int, str]:
     return names if "Type" in names.values() else {}
 
 
+def type_name_at(kernel: Kernel, address: int, index: int) -> str | None:
+    """The name of slot `index` of the ObTypeIndexTable at `address` alone (a few reads), None
+    unless it holds an _OBJECT_TYPE whose Index is `index`."""
+    if not 2 <= index < MAX_TYPES:
+        return None
+    pointer = kernel.space.u64(address + 8 * index)
+    if not pointer or pointer >> 47 != 0x1FFFF:
+        return None
+    if kernel.layout.field("_OBJECT_TYPE", "Index").read(kernel.space.read, pointer) != index:
+        return None
+    return _name(kernel, pointer)
+
+
 def _header(kernel: Kernel, body: int) -> int:
     return body - kernel.layout.offset("_OBJECT_HEADER", "Body")
 

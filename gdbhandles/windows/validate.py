@@ -1,7 +1,9 @@
 """Invariants of live data checked before discovery's facts are used; `handle info` lists them.
 
-Each check is cheap (a few reads) and can fail: a wrong layout, global or cookie shows here
-first, instead of as plausible-looking garbage in a walk.
+Each check can fail: a wrong layout, global or cookie shows here first, instead of as
+plausible-looking garbage in a walk. Discovery runs the cheap ones (a few reads); those that
+read every process or every type (hundreds of reads on a busy guest, more than a lookup
+itself) run when `handle info` first asks (`run_deferred`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ SYSTEM_PID = 4
 
 
 def run(kernel: Kernel) -> None:
-    for check in (_system, _process_list, _types, _cookie, _kernel_table, _page_tables):
+    _run(kernel, (_system, _cookie, _kernel_table))
+
+
+def run_deferred(kernel: Kernel) -> None:
+    """The whole-list checks, once per kernel."""
+    if not kernel.deferred_checks_done:
+        kernel.deferred_checks_done = True
+        _run(kernel, (_process_list, _types, _page_tables))
+
+
+def _run(kernel: Kernel, checks) -> None:
+    for check in checks:
         try:
             kernel.checks.append(check(kernel))
         except HandleError as exc:
@@ -60,8 +73,10 @@ def _types(kernel: Kernel) -> Check:
 
 def _cookie(kernel: Kernel) -> Check:
     """header cookie: System's header decodes to "Process" """
-    types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
-    found = object_types.decoded_type(kernel, types, kernel.system_process, kernel.header_cookie)
+    body, cookie = kernel.system_process, kernel.header_cookie
+    stored = object_types.stored_index(kernel, body)
+    index = stored if cookie is None else stored ^ cookie ^ object_types.address_byte(kernel, body)
+    found = object_types.type_name_at(kernel, kernel.globals["ObTypeIndexTable"], index)
     cookie = "none" if kernel.header_cookie is None else f"{kernel.header_cookie:#04x}"
     return Check("header cookie: System's header decodes to \"Process\"", found == "Process",
                  f"cookie {cookie}: {found}")
