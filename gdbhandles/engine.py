@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from gdbhandles.errors import BadHandle, HandleError, NoHandleTable, ProfileError, UnknownType
+from gdbhandles.errors import BadHandle, CorruptTable, HandleError, NoHandleTable, ProfileError, UnknownType
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
 from gdbhandles.windows import access, discovery, kernel as kernel_module, validate
 from gdbhandles.processes import ProcessList
-from gdbhandles.windows.eprocess import Process
+from gdbhandles.windows.cid_table import cid_table
+from gdbhandles.windows.eprocess import Process, read_process
 from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
 from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
 from gdbhandles.windows.memory import MASK64, PhysicalMemory
@@ -103,8 +104,27 @@ class Windows:
         return self.process_list.select(target)
 
     def _one(self, target: int | str) -> Process:
+        if isinstance(target, int) and not self._noted:
+            found = self._by_cid(target)
+            if found is not None:
+                return found
         self._processes()
         return self.process_list.one(target)
+
+    def _by_cid(self, pid: int) -> Process | None:
+        """The process with id `pid` found as PsLookupProcessByProcessId finds it, through
+        PspCidTable (a handful of reads instead of the whole process list); None when the table
+        does not lead to a Process object of that id (the caller then reads the list)."""
+        try:
+            status, entry, _ = cid_table(self.kernel).lookup(pid)
+            if status is not LookupStatus.VALID or entry is None:
+                return None
+            body = entry.header                    # a CID entry holds the object body
+            if self.headers.at_body(body).type != "Process" or read_process(self.kernel, body).pid != pid:
+                return None
+        except HandleError:
+            return None
+        return self.process_at(body)
 
     def _table(self, address: int) -> HandleTable:
         return HandleTable(self.kernel.space, self.kernel.layout, address)
@@ -119,11 +139,27 @@ class Windows:
             try:
                 table = self._table(process.table)
                 code, level, bound = table.table_code, table.levels, table.next_handle_needing_pool
-                count = table.count()
+                count = self._handle_count(process, table)
             except HandleError as exc:
                 self.warnings.append(WalkWarning(process.pid, process.name, str(exc)))
         return ProcessRecord(process.pid, process.name, process.eprocess, process.dtb, process.table, code,
                              level, bound, count, process.image_file_name, process.image_path)
+
+    def _handle_count(self, process: Process, table: HandleTable) -> int:
+        """Windows' own count (one read of the table header); the table counted entry by entry,
+        with a note saying so, when the layout has no counter or the counter is implausible."""
+        try:
+            count = table.kernel_count()
+        except CorruptTable as exc:
+            self.warnings.append(WalkWarning(process.pid, process.name, f"{exc}; counted the entries instead"))
+            return table.count()
+        if count is None:
+            note = WalkWarning(None, None, "this layout has no _HANDLE_TABLE HandleCount: handle counts "
+                                           "are counted entry by entry")
+            if note not in self.warnings:
+                self.warnings.append(note)
+            return table.count()
+        return count
 
     # --- walk ------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ class ProcessList:
         return self._list
 
     def at(self, eprocess: int) -> Process:
-        """The process of the _EPROCESS at `eprocess`, also one no longer on the list."""
-        self.all()
+        """The process of the _EPROCESS at `eprocess`, also one no longer on the list (read on
+        its own: naming one process does not read the whole list)."""
         process = self._by_eprocess.get(eprocess)
         if process is None:
             process = self._by_eprocess[eprocess] = self._with_path(read_process(self.kernel, eprocess))

@@ -24,7 +24,7 @@ class ProcessRecord:
     table_code: int
     level: int | None            # None when there is no table
     next_handle_needing_pool: int
-    handle_count: int            # entries in use (counted from the table, not a kernel counter)
+    handle_count: int            # handles in use: Windows' HandleCount (counted when the layout lacks it)
     image_file_name: str = ""    # _EPROCESS.ImageFileName (15 bytes at most)
     image_path: str | None = None   # NT path from SeAuditProcessCreationInfo, None when unknown
 

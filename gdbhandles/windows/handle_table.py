@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from gdbhandles.errors import CorruptTable, HandleError
-from gdbhandles.windows.layouts import Layout
+from gdbhandles.windows.layouts import Field, Layout
 from gdbhandles.windows.memory import MASK64, AddressSpace
 from gdbhandles.windows.structure import Struct
 
@@ -104,6 +104,20 @@ class HandleTableEntry(Struct):
 class HandleTableHeader(Struct):
     NAME = "_HANDLE_TABLE"
 
+    def handle_count_fields(self) -> list[Field] | None:
+        """Where Windows keeps the table's count of handles in use: `FreeLists[i].HandleCount`
+        summed (Win8+), else `HandleCount` (Win7); None if this layout has neither."""
+        lists = self.find("FreeLists")
+        if lists is not None:
+            per_list = self.layout.size("_HANDLE_TABLE_FREE_LIST")
+            count = self.layout.find("_HANDLE_TABLE_FREE_LIST", "HandleCount")
+            if not per_list or count is None:
+                return None
+            return [Field(lists.offset + i * per_list + count.offset, count.size)
+                    for i in range(lists.size // per_list)]
+        found = self.find("HandleCount")
+        return [found] if found is not None else None
+
 
 class HandleTable:
     """One _HANDLE_TABLE; `TableCode` and `NextHandleNeedingPool` are read once."""
@@ -187,6 +201,18 @@ class HandleTable:
         """Every in-range Entry or Problem, in handle order."""
         for page in self.pages():
             yield from page
+
+    def kernel_count(self) -> int | None:
+        """The count of handles in use that Windows keeps in the table header, or None if this
+        layout has no such field. CorruptTable if it exceeds what the table can hold."""
+        fields = HandleTableHeader.of(self.layout).handle_count_fields()
+        if fields is None:
+            return None
+        count = sum(f.read(self.space.read, self.address) for f in fields)
+        if count > self.slots:
+            raise CorruptTable(f"handle table {self.address:#x}: HandleCount {count} exceeds its "
+                               f"{self.slots} slots")
+        return count
 
     def count(self) -> int:
         """Entries that hold an object."""
