@@ -1,0 +1,65 @@
+"""How many backend reads the common questions cost (counts, never times): a cold lookup with the
+vCPU registers a live gdb has, a warm lookup, and `ps`, which takes each table's handle count
+from Windows (HandleCount) instead of walking the tables."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from gdbhandles.engine import Windows
+from gdbhandles.windows.memory import DumpFile
+
+
+def registers(truth: dict) -> list[dict]:
+    """What gdb reads from each vCPU of the booted guest."""
+    return [{"cr3": v["cr3"], "gs_base": v["gs_base"], "k_gs_base": v["k_gs_base"], "rip": v["rip"],
+             "rsp": v["rsp"], "cs": 0x10 if v["cpl"] == 0 else 0x33} for v in truth["vcpus"]]
+
+
+def open_big(built_guest):
+    directory = built_guest("19041", "big")
+    truth = json.loads((directory / "truth.json").read_text())
+    return truth, lambda: Windows.open(DumpFile(directory / "memory.raw"), registers=registers(truth))
+
+
+def test_cold_lookup_reads_at_most_60_and_warm_lookups_few(built_guest):
+    truth, fresh = open_big(built_guest)
+    sample = random.Random(3).sample(truth["handles"], 6)
+    for record in sample:
+        windows = fresh()
+        found = windows.lookup(record["pid"], record["handle"])
+        assert (found.object, found.name) == (record["object"], record["name"])
+        assert windows.stats().round_trips <= 60, windows.stats()
+        before = windows.stats().round_trips
+        assert windows.lookup(record["pid"], record["handle"]).name == record["name"]
+        assert windows.stats().round_trips == before          # the same handle again: all cached
+
+
+def test_ps_counts_from_windows_without_walking_tables(built_guest):
+    truth, fresh = open_big(built_guest)
+    windows = fresh()
+    before = windows.stats()
+    processes = windows.processes()
+    after = windows.stats()
+    counts: dict[int, int] = {}
+    for record in truth["handles"]:
+        counts[record["pid"]] = counts.get(record["pid"], 0) + 1
+    assert {p.pid: p.handle_count for p in processes if p.handle_count} == counts
+    # a walk of every table reads ~13 MiB; ps reads each EPROCESS, image name and table header
+    assert after.bytes - before.bytes < 2 * 1024 * 1024, after
+    assert not windows.warnings
+
+
+@pytest.mark.parametrize("profile", ["7601", "9200", "9600", "19041", "22000", "22631"])
+def test_ps_handle_counts_equal_the_tables_on_every_entry_form(built_guest, profile):
+    directory = built_guest(profile)
+    truth = json.loads((directory / "truth.json").read_text())
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    counts: dict[int, int] = {}
+    for record in truth["handles"]:
+        counts[record["pid"]] = counts.get(record["pid"], 0) + 1
+    assert {p.pid: p.handle_count for p in windows.processes() if p.handle_count} == counts
+    assert not [w for w in windows.warnings if "HandleCount" in w.message]
