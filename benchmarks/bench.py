@@ -199,7 +199,7 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
 
 def report(results: list[dict]) -> str:
     lines = []
-    row = lambda label, cells: lines.append(f"{label:<34}" + "".join(f"{c:>30}" for c in cells))
+    row = lambda label, cells: lines.append(f"{label:<34}" + "".join(f" {c:>32}" for c in cells))
     row("", [f"{r['scenario']} ({r['processes']} proc, {r['truth_handles']} handles)" for r in results])
     for key, label in (("volatility3", "volatility3 windows.handles"), ("offline", "offline engine (pmemsave)"),
                        ("stub", "live walk, gdbstub"), ("fast", "live walk, fast path"),
