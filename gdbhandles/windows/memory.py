@@ -130,6 +130,9 @@ class PhysicalMemory:
             self.stats.cache_hits += 1
             return self.pieces[piece][paddr - piece:paddr - piece + size]
         first = paddr - paddr % LINE
+        if paddr + size <= first + LINE and first in self.lines:      # the common case, kept short
+            self.stats.cache_hits += 1
+            return self.lines[first][paddr - first:paddr - first + size]
         last = (paddr + size - 1) - (paddr + size - 1) % LINE
         if self._ensure(list(range(first, last + 1, LINE))):
             self.stats.cache_hits += 1
@@ -223,6 +226,12 @@ class AddressSpace:
 
     def read(self, va: int, size: int) -> bytes:
         """Bytes at va; UnreadablePage names the first address whose page is missing."""
+        offset = va & (PAGE - 1)
+        if 0 < size and offset + size <= PAGE:    # within one page: one translation, no joining
+            base = self._pages.get(va - offset)
+            if base is None:
+                base = self._pages[va - offset] = self._walk(va - offset)
+            return self.phys.read(base | offset, size)
         end = va + size
         parts = []
         while va < end:
