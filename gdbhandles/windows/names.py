@@ -49,6 +49,7 @@ class Names:
         self.headers = headers
         self.process_label = process_label
         self.paths: dict[int, str] = {}
+        self.key_paths: dict[int, str | None] = {}      # _CM_KEY_CONTROL_BLOCK -> its path
         self.decoded: dict[int, str | None] = {}
 
     def source(self, header: Header) -> NameSource:
@@ -70,7 +71,7 @@ class Names:
         if source is NameSource.FILE:
             return self.file_name(body)
         if source is NameSource.KEY:
-            return key_path(space, layout, body)
+            return key_path(space, layout, body, self.key_paths)
         if source is NameSource.PROCESS:
             return self.process_label(body)
         if source is NameSource.THREAD:

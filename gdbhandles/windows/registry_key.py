@@ -50,14 +50,21 @@ class NameControlBlock(Struct):
         return raw.decode("utf-16-le", "replace")
 
 
-def key_path(space: AddressSpace, layout, body: int) -> str | None:
-    """\\REGISTRY\\… of the key body at `body`, up through ParentKcb; None without a name."""
+def key_path(space: AddressSpace, layout, body: int, known: dict[int, str | None] | None = None) -> str | None:
+    """\\REGISTRY\\… of the key body at `body`, up through ParentKcb; None without a name.
+    `known` (control block -> path) lets the many handles to one key read its chain once."""
     kcbs, names = KeyControlBlock.of(layout), NameControlBlock.of(layout)
     kcb = KeyBody.of(layout).control_block(space, body)
+    if known is not None and kcb in known:
+        return known[kcb]
+    first = kcb
     parts: list[str] = []
     while kcb and len(parts) < MAX_KEY_DEPTH:
         block = kcbs.name_block(space, kcb)
         if block:
             parts.append(names.name(space, block))
         kcb = kcbs.parent(space, kcb)
-    return "\\" + "\\".join(reversed(parts)) if parts else None
+    path = "\\" + "\\".join(reversed(parts)) if parts else None
+    if known is not None:
+        known[first] = path
+    return path
