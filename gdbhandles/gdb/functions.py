@@ -14,10 +14,10 @@ import gdb
 from gdbhandles import queries
 from gdbhandles.errors import HandleError
 from gdbhandles.gdb.commands import session
+from gdbhandles.windows.memory import MASK64
 
 __all__ = ["register"]
 
-MASK64 = (1 << 64) - 1
 
 
 def _string(text: str | None) -> gdb.Value:

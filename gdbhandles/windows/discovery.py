@@ -16,10 +16,12 @@ def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int
     """The running kernel with every fact it found and how; `layout="infer"` ignores shipped layouts.
     `progress(text)` hears of long steps (the PML4 scan of a large dump)."""
     registers = registers or []
-    space, dtb_source, base, image, base_source = kernel_module.locate(phys, registers, dtb, kernel_base, progress)
-    build = kernel_module.build_number(space, base, image)
-    chosen, symbols = kernel_module.choose_layout(image, build, isf, infer=layout == "infer")
-    kernel = Kernel(phys, space, dtb_source, base, base_source, image, build, chosen or infer.nearest_base(build))
+    found = kernel_module.locate(phys, registers, dtb, kernel_base, progress)
+    space = found.space
+    build = kernel_module.build_number(space, found.base, found.image)
+    chosen, symbols = kernel_module.choose_layout(found.image, build, isf, infer=layout == "infer")
+    kernel = Kernel(phys, space, found.dtb_source, found.base, found.base_source, found.image, build,
+                    chosen or infer.nearest_base(build))
     inferred = None
     if chosen is None:
         inferred = kernel.layout = infer.InferredLayout(kernel.layout, build)

@@ -56,9 +56,6 @@ class Kernel:
     checks: list[Check] = field(default_factory=list)
     deferred_checks_done: bool = False        # validate.run_deferred ran
 
-    def va_reader(self):
-        return self.space.read
-
 
 def low_stub(phys: PhysicalMemory) -> tuple[int, int, int] | None:
     """(page, kernel CR3, kernel entry) of the low-memory processor start block, if any."""
@@ -230,16 +227,26 @@ def _dtb_candidates(phys: PhysicalMemory, registers: list[dict], dtb: int | None
             yield page, "self-referencing PML4 scan", None
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where the running kernel is, and how each part was found."""
+    space: AddressSpace          # through the kernel's DTB
+    dtb_source: str
+    base: int                    # ntoskrnl's image base
+    image: pe.PeImage
+    base_source: str
+
+
 def locate(phys: PhysicalMemory, registers: list[dict], dtb: int | None, kernel_base: int | None,
-           progress=None):
-    """(space, dtb source, base, image, base source) of the running kernel."""
+           progress=None) -> Location:
+    """The running kernel's DTB and image; NotWindows naming what was tried."""
     tried = []
     for candidate, source, stub in _dtb_candidates(phys, registers, dtb, progress):
         space = AddressSpace(phys, candidate)
         found = _find_base(space, registers, stub, kernel_base)
         if found is not None:
             base, image, base_source = found
-            return space, source, base, image, base_source
+            return Location(space, source, base, image, base_source)
         tried.append(f"{candidate:#x} ({source})")
     what = "the given kernel base" if kernel_base is not None else "an ntoskrnl image"
     shown = ", ".join(tried[:4]) + (f" and {len(tried) - 4} more" if len(tried) > 4 else "")
