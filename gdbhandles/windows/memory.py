@@ -5,7 +5,7 @@ be scanned whole, one with `round_trip_bytes` says what a read request costs ove
 Over QEMU's gdbstub a round trip costs ~0.06 ms plus ~0.23 ms per 2 KiB, so reads are
 cached in 512-byte lines (about the bytes one round trip is worth), missing lines that are
 adjacent are fetched in one backend read, and `prefetch` gathers many small ranges into
-few reads. `prefetch_fine` does the same in 64-byte pieces, for a few bytes each of many
+few reads. `prefetch_fine` does the same in 32-byte pieces, for a few bytes each of many
 scattered structures (a type-filtered walk reads 3 bytes of each object header, and
 whole lines around them would be mostly bytes never used). Page walks follow Windows: 4 levels, 1 GiB/2 MiB pages, transition entries
 (bit 11 set, bit 10 clear, not present) still name their page.
@@ -24,7 +24,7 @@ from gdbhandles.windows.files import open_regular
 
 PAGE = 0x1000
 LINE = 0x200
-FINE = 0x40                # bytes per piece of `prefetch_fine`
+FINE = 0x20                # bytes per piece of `prefetch_fine` (a header's TypeIndex..InfoMask fits one)
 FINE_GAP = 1               # pieces: a gap this small is read rather than paid a round trip for
 PFN_MASK = 0x000F_FFFF_FFFF_F000
 MASK64 = (1 << 64) - 1      # a 64-bit register or pointer, the one definition
