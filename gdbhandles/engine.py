@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from gdbhandles.errors import BadHandle, CorruptTable, HandleError, NoHandleTable, ProfileError, UnknownType
+from gdbhandles.errors import BadHandle, CorruptTable, DamagedChain, HandleError, NoHandleTable, ProfileError, UnknownType
 from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats,
                                 WalkWarning)
 from gdbhandles.windows import access, discovery, kernel as kernel_module, validate
@@ -59,6 +59,12 @@ class _Walk:
         if message not in self.said:
             self.said.add(message)
             self.report(WalkWarning(None, None, message))
+
+    def damage(self, process: Process, handle: int, message: str, key: str) -> None:
+        """One warning per damaged structure (`key`), however many handles lead to it."""
+        if key not in self.said:
+            self.said.add(key)
+            self.report(WalkWarning(process.pid, process.name, message, handle))
 
 
 class Windows:
@@ -193,17 +199,15 @@ class Windows:
         try:
             table = self._table(process.table)
         except HandleError as exc:
-            walk.report(WalkWarning(process.pid, process.name, f"handle table {process.table:#x}: {exc}"))
+            walk.report(WalkWarning(process.pid, process.name, str(exc)))
             return
         for page in table.pages():
             survivors = self._survivors(process, page, walk)
             self.names.prefetch([header for _, header in survivors])
             for entry, header in survivors:
-                problems = [] if header.type is not None else [
-                    f"type: TypeIndex of header {header.header:#x} names no object type of this kernel"]
-                record = HandleRecord(process.pid, process.name, entry.handle, header.body, header.type,
-                                      self._name(process, entry.handle, header, walk), entry.granted_access,
-                                      entry.attributes, problems)
+                name, problems = self._name(process, entry.handle, header, walk)
+                record = HandleRecord(process.pid, process.name, entry.handle, header.body, header.type, name,
+                                      entry.granted_access, entry.attributes, problems)
                 if walk.name is None or walk.name in (record.name or "").lower():
                     yield record
 
@@ -239,16 +243,21 @@ class Windows:
                 out.append((entry, header))
         return out
 
-    def _name(self, process: Process, handle: int, header: Header, walk: _Walk) -> str | None:
-        """The object's name; a layout gap or unreadable name is a warning and None."""
+    def _name(self, process: Process, handle: int, header: Header, walk: _Walk) -> tuple[str | None, list[str]]:
+        """The object's name and the damage met decoding the object (each damaged structure
+        said once per walk); a layout gap is said once and gives None."""
+        problems = [header.problem] if header.problem else []
+        for problem in problems:
+            walk.damage(process, handle, problem, problem)
         try:
-            return self.names.name(header)
+            return self.names.name(header), problems
         except ProfileError as exc:
             walk.once(f"{header.type} names unknown: {exc}")
+            return None, problems
         except HandleError as exc:
-            walk.report(WalkWarning(process.pid, process.name, f"name of {header.type} object "
-                                                               f"{header.body:#x} unreadable: {exc}", handle))
-        return None
+            what = _name_problem(header, exc)
+            walk.damage(process, handle, what, str(exc) if isinstance(exc, DamagedChain) else what)
+            return None, problems + [what]
 
     def type_names(self) -> list[str]:
         """The object type names of this kernel, in ObTypeIndexTable order (index 2 on; the table
@@ -291,7 +300,12 @@ class Windows:
             if status is LookupStatus.PAST_END:
                 detail += f" (NextHandleNeedingPool {table.next_handle_needing_pool:#x})"
             raise BadHandle(f"handle {value & ~3:#x} of {process.label} {detail}", record)
-        self._fill(record, self.headers.read(entry.header), entry.granted_access, entry.attributes)
+        try:
+            header = self.headers.read(entry.header)
+        except HandleError as exc:
+            raise BadHandle(f"handle {value & ~3:#x} of {process.label}: object header {entry.header:#x} "
+                            f"unreadable ({exc})", record)
+        self._fill(record, header, entry.granted_access, entry.attributes)
         return record
 
     def _owner(self, process: Process, handle: int) -> tuple[Process, int, str | None]:
@@ -305,11 +319,11 @@ class Windows:
 
     def _fill(self, record: LookupRecord, header: Header, granted: int, attributes: int) -> None:
         record.object, record.header, record.type = header.body, header.header, header.type
+        record.problems = [header.problem] if header.problem else []
         try:
             record.name = self.names.name(header)
         except HandleError as exc:
-            unreadable = f"name unreadable: {exc}"
-            record.note = f"{record.note}; {unreadable}" if record.note else unreadable
+            record.problems.append(_name_problem(header, exc))
         record.granted_access, record.attributes = granted, attributes
         record.access_names = access.rights(header.type, granted)
         record.attribute_names = access.attribute_names(attributes)
@@ -367,6 +381,10 @@ class Windows:
             warnings=notes + [str(w) for w in self.warnings],
             checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
             inferred=dict(getattr(kernel.layout, "how", {})))
+
+
+def _name_problem(header: Header, exc: HandleError) -> str:
+    return f"name of {header.type or 'object'} {header.body:#x} unknown: {exc}"
 
 
 def _no_table(process: Process) -> str:

@@ -8,8 +8,11 @@ from dataclasses import replace
 
 from gdbhandles.errors import HandleError, ProcessNotFound, ProfileError
 from gdbhandles.records import WalkWarning
+from gdbhandles.windows.cid_table import cid_table
 from gdbhandles.windows.eprocess import Process, active_processes, image_path, read_process
+from gdbhandles.windows.handle_table import Entry
 from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.object_header import Headers
 
 __all__ = ["ProcessList"]
 
@@ -24,11 +27,41 @@ class ProcessList:
         self._by_eprocess: dict[int, Process] = {}
 
     def all(self) -> list[Process]:
-        """Every process on PsActiveProcessHead's list, with full image names, read once."""
+        """Every process on PsActiveProcessHead's list, with full image names, read once. A
+        damaged list is one note per bad link, and is completed from its other direction,
+        PsInitialSystemProcess and PspCidTable (windows.eprocess.active_processes)."""
         if self._list is None:
-            self._list = [self._with_path(p) for p in active_processes(self.kernel)]
+            found, problems = active_processes(self.kernel)
+            for process, message in problems:
+                self._note(WalkWarning(process and process.pid, process and process.name, message))
+            if problems:
+                found += self._only_in_cid_table({p.eprocess for p in found})
+            self._list = [self._with_path(p) for p in found]
             self._by_eprocess.update((p.eprocess, p) for p in self._list)
         return self._list
+
+    def _only_in_cid_table(self, known: set[int]) -> list[Process]:
+        """Processes PspCidTable holds that a damaged process list did not reach (each noted)."""
+        found: list[Process] = []
+        try:
+            entries = [e for e in cid_table(self.kernel).entries() if isinstance(e, Entry) and e.header]
+        except HandleError as exc:
+            self._note(WalkWarning(None, None, f"PspCidTable unreadable ({exc}): processes off the list not sought"))
+            return found
+        headers = Headers(self.kernel)
+        for entry in entries:
+            body = entry.header           # PspCidTable entries hold the body itself
+            try:
+                if body in known or headers.at_body(body).type != "Process":
+                    continue
+                process = read_process(self.kernel, body)
+            except HandleError:
+                continue
+            known.add(body)
+            found.append(process)
+            self._note(WalkWarning(process.pid, process.name, f"process {body:#x} is in PspCidTable but not "
+                                                              "on the process list; added"))
+        return found
 
     def at(self, eprocess: int) -> Process:
         """The process of the _EPROCESS at `eprocess`, also one no longer on the list (read on

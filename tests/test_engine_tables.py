@@ -159,5 +159,5 @@ def test_corrupt_table_code():
     kernel = kernel_for(19041)
     make_table(kernel, 0, 1, {})
     kernel.space.put(TABLE + 8, struct.pack("<Q", LOWS | 3))
-    with pytest.raises(CorruptTable, match="3 levels"):
+    with pytest.raises(CorruptTable, match="level bits 3"):
         HandleTable(kernel.space, kernel.layout, TABLE)

@@ -154,7 +154,12 @@ class HandleTableHeader(Struct):
 
 
 class HandleTable:
-    """One _HANDLE_TABLE; `TableCode` and `NextHandleNeedingPool` are read once."""
+    """One _HANDLE_TABLE; `TableCode` and `NextHandleNeedingPool` are read once.
+
+    Walks are bounded by what the table can honestly hold: NextHandleNeedingPool no further
+    than its levels reach, and every mid- or low-level page used once (a page named by a
+    second slot, a NULL slot below the bound, an unreadable or all-zero page are damage,
+    reported as one Problem per damaged page at the end of the walk)."""
 
     def __init__(self, space: AddressSpace, layout: Layout, address: int):
         self.space = space
@@ -168,66 +173,81 @@ class HandleTable:
         self.next_handle_needing_pool = fields.field("NextHandleNeedingPool").extract(raw, -start)
         self.levels = self.table_code & 3
         self.top = self.table_code & ~3
+        here = f"handle table {address:#x}"
         if self.levels == 3:
-            raise CorruptTable(f"handle table {address:#x}: TableCode {self.table_code:#x} has 3 levels")
+            raise CorruptTable(f"{here}: TableCode {self.table_code:#x} has level bits 3 (at most 2 levels "
+                               "exist): its handles cannot be listed")
+        if not self.top:
+            raise CorruptTable(f"{here}: TableCode is 0 (the _HANDLE_TABLE is zeroed): its handles cannot be listed")
         if self.next_handle_needing_pool > MAX_HANDLE_VALUE or self.next_handle_needing_pool % HANDLE_STEP:
-            raise CorruptTable(f"handle table {address:#x}: NextHandleNeedingPool "
-                               f"{self.next_handle_needing_pool:#x} is not a handle bound")
+            raise CorruptTable(f"{here}: NextHandleNeedingPool {self.next_handle_needing_pool:#x} is not a "
+                               "handle bound: its handles cannot be listed")
+        self.capacity = LOW_COUNT * MID_COUNT ** self.levels * HANDLE_STEP
+        self.bound_problem = None
+        if self.next_handle_needing_pool > self.capacity:
+            self.bound_problem = (f"{here}: NextHandleNeedingPool {self.next_handle_needing_pool:#x} is past what "
+                                  f"a level-{self.levels} table holds ({self.capacity:#x}); read up to that")
 
     @property
     def slots(self) -> int:
-        """Entries below NextHandleNeedingPool."""
-        return self.next_handle_needing_pool // HANDLE_STEP
+        """Entries below NextHandleNeedingPool, as far as the levels reach."""
+        return min(self.next_handle_needing_pool, self.capacity) // HANDLE_STEP
 
     def _pointers(self, table: int, count: int) -> tuple[int, ...]:
         return struct.unpack(f"<{count}Q", self.space.read(table, 8 * count))
 
-    def low_pages(self):
-        """Yield (first index, page address or 0, path) of every low-level page in range."""
+    def low_pages(self, damage: "TableDamage | None" = None):
+        """Yield (first index, low-level page, path) of every usable low-level page in range,
+        each page once; what is unusable goes to `damage` (or is left unsaid)."""
+        damage = damage or TableDamage(self.address)
         pages = -(-self.slots // LOW_COUNT)
-        if self.levels == 0:
-            if pages:
-                yield 0, self.top, [TableStep(0, self.top, 0)]
+        if not pages:
             return
+        if self.levels == 0:
+            yield 0, self.top, [TableStep(0, self.top, 0)]
+            return
+        damage.seen.add(self.top)
         if self.levels == 1:
-            for i, page in enumerate(self._pointers(self.top, min(pages, MID_COUNT))):
+            for i, page in damage.children(self, self.top, 1, pages, lambda i: 1):
                 yield i * LOW_COUNT, page, [TableStep(1, self.top, i), TableStep(0, page, 0)]
             return
-        mids = -(-pages // MID_COUNT)
-        for j, mid in enumerate(self._pointers(self.top, min(mids, MID_COUNT))):
-            count = min(MID_COUNT, pages - j * MID_COUNT)
-            if not mid:
-                for k in range(count):
-                    yield (j * MID_COUNT + k) * LOW_COUNT, 0, [TableStep(2, self.top, j)]
-                continue
-            try:
-                lows = self._pointers(mid, count)
-            except HandleError:
-                yield j * MID_COUNT * LOW_COUNT, None, [TableStep(2, self.top, j), TableStep(1, mid, 0)]
-                continue
-            for k, page in enumerate(lows):
+        span = lambda j: min(MID_COUNT, pages - j * MID_COUNT)  # noqa: E731  (low pages under mid slot j)
+        for j, mid in damage.children(self, self.top, 2, -(-pages // MID_COUNT), span):
+            for k, page in damage.children(self, mid, 1, span(j), lambda k: 1):
                 yield ((j * MID_COUNT + k) * LOW_COUNT, page,
                        [TableStep(2, self.top, j), TableStep(1, mid, k), TableStep(0, page, 0)])
 
     def pages(self):
-        """Yield, per low-level page in range, its Entries (first slot skipped) or one Problem."""
-        for first, page, path in self.low_pages():
-            if page is None:
-                yield [Problem(f"mid-level table {path[-1].address:#x} unreadable", first * HANDLE_STEP)]
-                continue
-            if not page:
-                continue
+        """Yield, per usable low-level page in range, its Entries (first slot skipped); then
+        one list of Problems for the damage met, if any."""
+        damage = TableDamage(self.address)
+        if self.bound_problem:
+            damage.problems.append(Problem(self.bound_problem))
+        for first, page, path in self.low_pages(damage):
             count = min(LOW_COUNT, self.slots - first)
             try:
                 raw = self.space.read(page, ENTRY_SIZE * count)
             except HandleError as exc:
-                yield [Problem(f"handle table page {page:#x}: {exc}", first * HANDLE_STEP)]
+                if len(path) == 1:
+                    damage.problems.append(Problem(f"handle table {self.address:#x}: its low-level page "
+                                                   f"{page:#x} is unreadable ({exc}): up to {count - 1} handles "
+                                                   "not listed"))
+                else:
+                    damage.note(path[-2].address, "unreadable", page, 1, str(exc))
+                continue
+            if count > 1 and not any(raw[ENTRY_SIZE:]):
+                damage.problems.append(Problem(f"handle table {self.address:#x}: low-level page {page:#x} is "
+                                               f"all zeros below NextHandleNeedingPool: up to {count - 1} "
+                                               "handles not listed", first * HANDLE_STEP))
                 continue
             decoded = self.format.decode_page(raw)
             yield [Entry((first + i) * HANDLE_STEP, page + i * ENTRY_SIZE, *decoded[i]) for i in range(1, count)]
+        problems = damage.report()
+        if problems:
+            yield problems
 
     def entries(self):
-        """Every in-range Entry or Problem, in handle order."""
+        """Every in-range Entry, then the Problems met, in handle order."""
         for page in self.pages():
             yield from page
 
@@ -243,37 +263,42 @@ class HandleTable:
                                f"{self.slots} slots")
         return count
 
+    def census(self) -> tuple[int, list[Problem]]:
+        """(entries that hold an object, the damage met counting them): bounded like a walk."""
+        count, problems = 0, []
+        for item in self.entries():
+            if isinstance(item, Problem):
+                problems.append(item)
+            elif item.header is not None:
+                count += 1
+        return count, problems
+
     def count(self) -> int:
         """Entries that hold an object."""
-        return sum(1 for e in self.entries() if isinstance(e, Entry) and e.header is not None)
+        return self.census()[0]
 
     def lookup(self, handle: int) -> tuple[LookupStatus, Entry | None, list[TableStep]]:
-        """(status, entry, path) of a handle value, as ExpLookupHandleTableEntry finds it."""
+        """(status, entry, path) of a handle value, as ExpLookupHandleTableEntry finds it;
+        CorruptTable (one line) when the table's damage is on the way to it."""
         value = handle & ~(HANDLE_STEP - 1)
         index = value // HANDLE_STEP
         if value >= self.next_handle_needing_pool:
             return LookupStatus.PAST_END, None, []
-        path = []
-        page = self.top
-        if self.levels == 2:
-            j, k = index // (LOW_COUNT * MID_COUNT), index // LOW_COUNT % MID_COUNT
-            path.append(TableStep(2, self.top, j))
-            mid = self.space.u64(self.top + 8 * j)
-            if not mid:
-                return LookupStatus.NEVER_ALLOCATED, None, path
-            path.append(TableStep(1, mid, k))
-            page = self.space.u64(mid + 8 * k)
-        elif self.levels == 1:
-            i = index // LOW_COUNT
-            path.append(TableStep(1, self.top, i))
-            page = self.space.u64(self.top + 8 * i)
-        if not page:
-            return LookupStatus.NEVER_ALLOCATED, None, path
-        path.append(TableStep(0, page, index % LOW_COUNT))
-        address = page + ENTRY_SIZE * (index % LOW_COUNT)
-        if index % LOW_COUNT == 0:
-            return LookupStatus.FIRST_SLOT, None, path
-        raw = self.space.read(address, ENTRY_SIZE)
+        if index >= self.slots:
+            raise CorruptTable(f"{self.bound_problem}: handle {value:#x} cannot be looked up")
+        try:
+            page, path = self._page_of(index, value)
+            path.append(TableStep(0, page, index % LOW_COUNT))
+            if index % LOW_COUNT == 0:
+                return LookupStatus.FIRST_SLOT, None, path
+            address = page + ENTRY_SIZE * (index % LOW_COUNT)
+            raw = self.space.read(address, ENTRY_SIZE)
+            if not any(raw) and not any(self.space.read(page + ENTRY_SIZE, ENTRY_SIZE * (LOW_COUNT - 1))):
+                raise CorruptTable(f"low-level page {page:#x} is all zeros below NextHandleNeedingPool")
+        except CorruptTable as exc:
+            raise CorruptTable(f"handle table {self.address:#x}: {exc}: handle {value:#x} cannot be looked up")
+        except HandleError as exc:
+            raise CorruptTable(f"handle table {self.address:#x}: handle {value:#x}: {exc}")
         header, granted, attributes = self.format.decode(raw, 0)
         entry = Entry(value, address, header, granted, attributes, not any(raw))
         if header is None:
@@ -281,8 +306,91 @@ class HandleTable:
             return (LookupStatus.NEVER_ALLOCATED if never else LookupStatus.FREE), entry, path
         return LookupStatus.VALID, entry, path
 
+    def _page_of(self, index: int, value: int) -> tuple[int, list[TableStep]]:
+        """The low-level page holding entry `index` and the steps to it; CorruptTable for a NULL
+        slot below the bound or a page an earlier slot of the same table page already names."""
+        if self.levels == 0:
+            return self.top, []
+        path, parent = [], self.top
+        steps = [(2, index // (LOW_COUNT * MID_COUNT)), (1, index // LOW_COUNT % MID_COUNT)][2 - self.levels:]
+        for level, slot in steps:
+            pointers = self._pointers(parent, slot + 1)
+            child = pointers[slot]
+            path.append(TableStep(level, parent, slot))
+            if not child:
+                raise CorruptTable(f"slot {slot} of {LEVEL_NAME[level]} page {parent:#x} is NULL below "
+                                   "NextHandleNeedingPool")
+            if child in pointers[:slot] or child in (self.top, parent):
+                raise CorruptTable(f"{LEVEL_NAME[level - 1]} page {child:#x} is named again by slot {slot} of "
+                                   f"{LEVEL_NAME[level]} page {parent:#x} (a damaged or hostile table)")
+            parent = child
+        return parent, path
+
     def highest_in_use(self) -> int:
         """The largest handle value holding an object (0 if none). Windows hands out the
         lowest free value first, so a free entry above it counts as never allocated."""
         return max((e.handle for e in self.entries() if isinstance(e, Entry) and e.header is not None),
                    default=0)
+
+
+LEVEL_NAME = {2: "top-level", 1: "mid-level", 0: "low-level"}
+
+
+class TableDamage:
+    """What one walk of a table found unusable: pages named twice, NULL slots below the bound,
+    unreadable pages; one Problem per (table page, kind of damage, page named again)."""
+
+    def __init__(self, table: int):
+        self.table = table
+        self.seen: set[int] = set()                 # every mid and low page already used
+        self.found: dict[tuple, list] = {}          # (parent, kind, page) -> [slots, pages lost, detail]
+        self.problems: list[Problem] = []
+
+    def note(self, parent: int, kind: str, page: int, lost: int, detail: str = "", slot: int | None = None) -> None:
+        key = (parent, kind, page if kind == "named again" else None)
+        slots, pages, _ = self.found.setdefault(key, [[], 0, detail or f"{page:#x}"])
+        if slot is not None:
+            slots.append(slot)
+        self.found[key][1] = pages + lost
+
+    def children(self, table: HandleTable, parent: int, level: int, count: int, lost):
+        """(slot, page) of the first `count` pointers of the table page `parent` (of `level`)
+        whose page is usable and not yet used; `lost(slot)` is how many low pages a slot covers."""
+        try:
+            pointers = table._pointers(parent, count)
+        except HandleError as exc:
+            self.note(parent, "unreadable", parent, sum(lost(i) for i in range(count)), str(exc))
+            return
+        for slot, child in enumerate(pointers):
+            if not child:
+                self.note(parent, "NULL", 0, lost(slot), slot=slot)
+            elif child in self.seen:
+                self.note(parent, "named again", child, lost(slot), slot=slot)
+            else:
+                self.seen.add(child)
+                yield slot, child
+
+    def report(self) -> list[Problem]:
+        here = f"handle table {self.table:#x}"
+        out = list(self.problems)
+        for (parent, kind, page), (slots, pages, detail) in self.found.items():
+            where = f"{_slots(slots)} of table page {parent:#x}" if slots else f"table page {parent:#x}"
+            lost = f"up to {pages * (LOW_COUNT - 1)} handles not listed"
+            if kind == "NULL":
+                text = f"{where} NULL below NextHandleNeedingPool: {lost}"
+            elif kind == "named again":
+                text = f"page {page:#x} named again by {where} (a damaged or hostile table): {lost}"
+            else:
+                text = f"{pages} low-level page(s) under {where} unreadable ({detail}): {lost}"
+            out.append(Problem(f"{here}: {text}"))
+        return out
+
+
+def _slots(slots: list[int]) -> str:
+    """'slot 3' or '127 slots (1-127)' or '3 slots (1, 4, 9)'."""
+    if len(slots) == 1:
+        return f"slot {slots[0]}"
+    if slots == list(range(slots[0], slots[-1] + 1)):
+        return f"{len(slots)} slots ({slots[0]}-{slots[-1]})"
+    shown = ", ".join(map(str, slots[:4])) + (", …" if len(slots) > 4 else "")
+    return f"{len(slots)} slots ({shown})"
