@@ -82,3 +82,8 @@ class BadHandle(HandleError):
 
 class CorruptTable(HandleError):
     """A handle table or process list whose structure contradicts itself."""
+
+
+class DamagedChain(CorruptTable):
+    """A chain of kernel structures shared by many objects (key control blocks up ParentKcb,
+    object directories up Directory) that loops or runs too deep: said once, not per object."""

@@ -106,8 +106,8 @@ def test_every_profile_builds(tmp_path, version):
 
 
 def test_each_damage_kind_changes_one_page_and_says_so():
-    """--corrupt spoils one page of the guest it starts from (amplify adds two table pages and
-    the PTEs that map them);
+    """--corrupt spoils one page of the guest it starts from (amplify adds two table pages,
+    optional-header one object page);
     truth.json lists the damage and drops or marks exactly the records it touches."""
     from winguest.corrupt import KINDS
     clean = {s: build("19041", s) for s in ("default", "level2")}
@@ -115,9 +115,10 @@ def test_each_damage_kind_changes_one_page_and_says_so():
         scenario = "level2" if kind.startswith("mid-") else "default"
         base, damaged = clean[scenario], build("19041", scenario, corrupt=(kind,))
         a, b = base["memory.bin"], damaged["memory.bin"]
-        assert len(b) - len(a) == (2 * 4096 if kind == "amplify" else 0), kind
+        added = NEW_PAGES.get(kind, 0)
+        assert len(b) - len(a) == added * 4096, kind
         changed_pages = sum(a[i:i + 4096] != b[i:i + 4096] for i in range(0, len(a), 4096))
-        assert changed_pages == (2 if kind == "amplify" else 1), kind
+        assert changed_pages == (2 if added else 1), kind        # new pages: and the PTEs that map them
         [damage] = damaged["truth"]["damage"]
         assert damage["kind"] == kind and damage["words"] and damage["lines"] >= 1
         before = {(h["pid"], h["handle"]): h for h in base["truth"]["handles"]}
@@ -128,6 +129,7 @@ def test_each_damage_kind_changes_one_page_and_says_so():
         assert bool(damage["lost"]) or bool(damage["marked"]) or kind in NOTHING_LOST, kind
 
 
+NEW_PAGES = {"amplify": 2, "optional-header": 1}
 NOTHING_LOST = {"bound-past-table", "amplify", "process-loop", "process-dangling"}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gdbhandles.errors import CorruptTable
+from gdbhandles.errors import CorruptTable, HandleError
 from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.memory import AddressSpace
 from gdbhandles.windows.structure import Struct
@@ -101,19 +101,56 @@ def image_path(kernel: Kernel, process: Process) -> str | None:
     return path
 
 
-def active_processes(kernel: Kernel) -> list[Process]:
-    """Every process on the active list, in list order (15-byte names; see image_path)."""
+def active_processes(kernel: Kernel) -> tuple[list[Process], list[tuple[Process | None, str]]]:
+    """Every process on the active list, in list order (15-byte names; see image_path), and the
+    damage met: (process at the bad link or None, one line). A bad link does not end the list:
+    it is followed forwards (Flink) from PsActiveProcessHead until a link whose target does not
+    link back, then backwards (Blink) from the head to the break, and System is added from
+    PsInitialSystemProcess if neither reached it."""
     head = kernel.globals["PsActiveProcessHead"]
     links = EProcess.of(kernel.layout).offset("ActiveProcessLinks")
-    result, seen = [], {head}
-    entry = kernel.space.u64(head)
-    while entry != head:
-        if entry in seen or len(result) >= MAX_PROCESSES:
-            raise CorruptTable(f"the process list loops at {entry:#x} (PsActiveProcessHead {head:#x})")
-        if not entry:
-            raise CorruptTable(f"the process list has a NULL link after {len(result)} processes")
-        seen.add(entry)
-        result.append(read_process(kernel, entry - links))
-        entry = kernel.space.u64(entry)
-    return result
+    forward, problems = _follow(kernel, head, links, FLINK, set())
+    if problems:
+        backward, more = _follow(kernel, head, links, BLINK, {entry for entry, _ in forward})
+        forward += reversed(backward)
+        problems += more
+    found = [process for _, process in forward]
+    system = kernel.system_process
+    if system and system not in {p.eprocess for p in found}:
+        try:
+            found.insert(0, read_process(kernel, system))
+            problems.append((found[0], f"process list: System (EPROCESS {system:#x}, PsInitialSystemProcess) "
+                                       "is not on it; added"))
+        except HandleError as exc:
+            problems.append((None, f"process list: PsInitialSystemProcess {system:#x} unreadable ({exc})"))
+    return found, problems
 
+
+FLINK, BLINK = 0, 8
+
+
+def _follow(kernel: Kernel, head: int, links: int, way: int, known: set[int]):
+    """[(list entry, Process)] from the head one way until the head, an entry in `known` (where
+    the other way stopped) or a bad link; the bad link as [(process before it, one line)]."""
+    space, back = kernel.space, BLINK - way
+    name = "Flink" if way == FLINK else "Blink"
+    out: list[tuple[int, Process]] = []
+    seen, here, before = {head}, head, None
+    while len(out) < MAX_PROCESSES:
+        where = f"the {name} of {before.label} (EPROCESS {before.eprocess:#x})" if before else \
+            f"the {name} of PsActiveProcessHead {head:#x}"
+        try:
+            entry = space.u64(here + way)
+            if entry == head or entry in known:
+                return out, []
+            if entry in seen:
+                return out, [(before, f"process list: {where} goes back to {entry:#x}: the list loops")]
+            if space.u64(entry + back) != here:
+                return out, [(before, f"process list: {where} points to {entry:#x}, which does not link back")]
+            process = read_process(kernel, entry - links)
+        except HandleError as exc:
+            return out, [(before, f"process list: {where} leads to unreadable memory ({exc})")]
+        seen.add(entry)
+        out.append((entry, process))
+        here, before = entry, process
+    return out, [(before, f"process list: more than {MAX_PROCESSES} processes one way: taken as a loop")]

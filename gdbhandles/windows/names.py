@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
-from gdbhandles.errors import HandleError
+from gdbhandles.errors import DamagedChain, HandleError
 from gdbhandles.windows.ethread import EThread
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.kernel import Kernel
@@ -48,7 +48,7 @@ class Names:
         self.kernel = kernel
         self.headers = headers
         self.process_label = process_label
-        self.paths: dict[int, str] = {}
+        self.paths: dict[int, str | HandleError] = {}
         self.key_paths: dict[int, str | None] = {}      # _CM_KEY_CONTROL_BLOCK -> its path
         self.decoded: dict[int, str | None] = {}
 
@@ -82,27 +82,38 @@ class Names:
         """Device path + FileName; the device part is left out when the device has no name."""
         files = FileObject.of(self.kernel.layout)
         device = files.device(self.kernel.space, body)
-        try:
-            prefix = self.object_path(device) if device else ""
-        except HandleError:
-            prefix = ""
+        prefix = self.object_path(device) if device else ""
         return (prefix + (files.file_name(self.kernel.space, body) or "")) or None
 
     def object_path(self, body: int) -> str:
         """A named object's full path (`\\Device\\HarddiskVolume3`): its name-info names up the
         Directory chain to the root directory (the one without a parent); '' when unnamed."""
         if body not in self.paths:
-            info_struct = ObjectHeaderNameInfo.of(self.kernel.layout)
-            parts, current = [], body
-            while current and len(parts) < MAX_DIRECTORY_DEPTH:
-                info = self.headers.name_info(self.headers.at_body(current))
-                if info is None:                  # unnamed: the path ends here
-                    break
-                current = info_struct.directory(self.kernel, info)
-                if current:
-                    parts.append(info_struct.name(self.kernel, info) or "")
-            self.paths[body] = "\\" + "\\".join(reversed(parts)) if parts else ""
-        return self.paths[body]
+            try:
+                self.paths[body] = self._object_path(body)
+            except HandleError as exc:
+                self.paths[body] = exc
+        found = self.paths[body]
+        if isinstance(found, HandleError):
+            raise found
+        return found
+
+    def _object_path(self, body: int) -> str:
+        info_struct = ObjectHeaderNameInfo.of(self.kernel.layout)
+        parts, current, seen = [], body, set()
+        while current:
+            if current in seen:
+                raise DamagedChain(f"object directory {current:#x} is its own ancestor (the Directory chain loops)")
+            if len(seen) > MAX_DIRECTORY_DEPTH:
+                raise DamagedChain(f"object {body:#x} is more than {MAX_DIRECTORY_DEPTH} directories deep")
+            seen.add(current)
+            info = self.headers.name_info(self.headers.at_body(current))
+            if info is None:                  # unnamed: the path ends here
+                break
+            current = info_struct.directory(self.kernel, info)
+            if current:
+                parts.append(info_struct.name(self.kernel, info) or "")
+        return "\\" + "\\".join(reversed(parts)) if parts else ""
 
     def prefetch(self, headers: list[Header]) -> None:
         """Bring the name-info headers and body fields, then the strings they point to, into

@@ -18,6 +18,7 @@ from gdbhandles.windows.unicode_string import UnicodeString
 __all__ = ["NAME_INFO_BIT", "ObjectHeader", "ObjectHeaderNameInfo", "ObjectType", "Header", "Headers"]
 
 NAME_INFO_BIT = 0x02
+TYPE_SLOTS = 256             # ObTypeIndexTable: at most 256 types
 
 
 class ObjectHeader(Struct):
@@ -66,6 +67,7 @@ class Header:
     body: int
     type: str | None
     info_mask: int
+    problem: str | None = None       # damage met reading it (a TypeIndex out of range)
 
 
 class Headers:
@@ -76,6 +78,7 @@ class Headers:
         self.struct = ObjectHeader.of(kernel.layout)
         self.types: dict[int, str | None] = {}
         self.decoded: dict[int, Header] = {}
+        self._type_end: int | None = None
 
     def real_type_index(self, header: int, stored: int) -> int:
         """TypeIndex as stored, decoded with ObHeaderCookie on builds that have one."""
@@ -96,15 +99,35 @@ class Headers:
                 self.types[index] = None
         return self.types[index]
 
+    def type_end(self) -> int:
+        """One past the last type index: ObTypeIndexTable holds types from index 2 up to its
+        first NULL (at most 256 slots); an unreadable table counts as ending at once."""
+        if self._type_end is None:
+            table, end = self.kernel.globals["ObTypeIndexTable"], 2
+            try:
+                pointers = self.kernel.space.read(table, 8 * TYPE_SLOTS)
+                while end < TYPE_SLOTS and any(pointers[8 * end:8 * end + 8]):
+                    end += 1
+            except HandleError:
+                pass
+            self._type_end = end
+        return self._type_end
+
     def read(self, header: int) -> Header:
-        """Type and InfoMask of the object at `header` (3 bytes read); HandleError if unreadable."""
+        """Type and InfoMask of the object at `header` (3 bytes read); HandleError if unreadable.
+        A TypeIndex outside ObTypeIndexTable gives type None and a `problem`."""
         known = self.decoded.get(header)
         if known is None:
             start, size = self.struct.span("TypeIndex", "InfoMask")
             raw = self.kernel.space.read(header + start, size)
             index = self.real_type_index(header, self.struct.type_index(raw, -start))
-            known = Header(header, header + self.struct.body_offset(), self.type_of_index(index),
-                           self.struct.info_mask(raw, -start))
+            body, problem, type_name = header + self.struct.body_offset(), None, None
+            if 2 <= index < self.type_end():
+                type_name = self.type_of_index(index)
+            else:
+                problem = (f"object {body:#x}: TypeIndex {index:#x} is out of range (ObTypeIndexTable holds "
+                           f"types 0x2-{self.type_end() - 1:#x}): type unknown")
+            known = Header(header, body, type_name, self.struct.info_mask(raw, -start), problem)
             self.decoded[header] = known
         return known
 

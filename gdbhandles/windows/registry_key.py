@@ -7,13 +7,14 @@ character) or as UTF-16.
 
 from __future__ import annotations
 
+from gdbhandles.errors import CorruptTable, DamagedChain
 from gdbhandles.windows.memory import AddressSpace
 from gdbhandles.windows.structure import Struct
-from gdbhandles.windows.unicode_string import MAX_NAME
 
 __all__ = ["KeyBody", "KeyControlBlock", "NameControlBlock", "key_path", "MAX_KEY_DEPTH"]
 
-MAX_KEY_DEPTH = 64          # control blocks above a key: deeper chains are taken as loops
+MAX_KEY_DEPTH = 512         # control blocks above a key (registry paths nest at most 512 deep)
+MAX_KEY_NAME = 255 * 2      # bytes of a key's own name (255 characters, UTF-16)
 
 
 class KeyBody(Struct):
@@ -43,7 +44,10 @@ class NameControlBlock(Struct):
         """`Name` (`NameLength` bytes), Latin-1 when the `Compressed` bit is set, else UTF-16."""
         at = self.offset("Name")
         head = space.read(block, at)
-        length = min(self.field("NameLength").extract(head), MAX_NAME)
+        length = self.field("NameLength").extract(head)
+        if length > MAX_KEY_NAME:
+            raise CorruptTable(f"key name block {block:#x}: NameLength {length:#x} (key names hold at most "
+                               "255 characters)")
         raw = space.read(block + at, length)
         if self.field("Compressed").extract(head):
             return raw.decode("latin-1")
@@ -59,7 +63,13 @@ def key_path(space: AddressSpace, layout, body: int, known: dict[int, str | None
         return known[kcb]
     first = kcb
     parts: list[str] = []
-    while kcb and len(parts) < MAX_KEY_DEPTH:
+    seen: set[int] = set()
+    while kcb:
+        if kcb in seen:
+            raise DamagedChain(f"key control block {kcb:#x} is its own ancestor (the ParentKcb chain loops)")
+        if len(seen) >= MAX_KEY_DEPTH:
+            raise DamagedChain(f"key control block {kcb:#x} is more than {MAX_KEY_DEPTH} ParentKcb links deep")
+        seen.add(kcb)
         block = kcbs.name_block(space, kcb)
         if block:
             parts.append(names.name(space, block))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gdbhandles.errors import HandleError
+from gdbhandles.errors import CorruptTable, HandleError
 from gdbhandles.windows.memory import AddressSpace
 from gdbhandles.windows.structure import Struct
 
@@ -14,18 +14,31 @@ MAX_NAME = 0x1000            # bytes: a longer string is taken as corrupt and cu
 class UnicodeString(Struct):
     NAME = "_UNICODE_STRING"
 
-    def fields(self, space: AddressSpace, address: int) -> tuple[int, int]:
-        """(`Length`, `Buffer`) as stored, read in one request of the layout's size."""
+    def _raw(self, space: AddressSpace, address: int) -> bytes:
+        """The structure's bytes, read in one request of the layout's size."""
         length, buffer = self.field("Length"), self.field("Buffer")
-        raw = space.read(address, self.size() or max(length.offset + length.size, buffer.offset + buffer.size))
-        return length.extract(raw), buffer.extract(raw)
+        return space.read(address, self.size() or max(length.offset + length.size, buffer.offset + buffer.size))
+
+    def fields(self, space: AddressSpace, address: int) -> tuple[int, int]:
+        """(`Length`, `Buffer`) as stored."""
+        raw = self._raw(space, address)
+        return self.field("Length").extract(raw), self.field("Buffer").extract(raw)
 
     def extent(self, space: AddressSpace, address: int) -> tuple[int, int] | None:
-        """(Buffer, Length cut at MAX_NAME) of the string at `address`, None when empty."""
-        length, buffer = self.fields(space, address)
+        """(Buffer, Length cut at MAX_NAME) of the string at `address`, None when empty.
+        CorruptTable when Length is odd or beyond MaximumLength (Length counts bytes of UTF-16
+        characters, within the MaximumLength bytes of the buffer): such a string is damage."""
+        raw = self._raw(space, address)
+        length, buffer = self.field("Length").extract(raw), self.field("Buffer").extract(raw)
         if not length or not buffer:
             return None
-        return buffer, min(length, MAX_NAME) & ~1
+        maximum = self.find("MaximumLength")
+        if maximum is not None and length > maximum.extract(raw):
+            raise CorruptTable(f"UNICODE_STRING at {address:#x}: Length {length:#x} is beyond MaximumLength "
+                               f"{maximum.extract(raw):#x}")
+        if length & 1:
+            raise CorruptTable(f"UNICODE_STRING at {address:#x}: odd Length {length:#x} (UTF-16 has 2-byte units)")
+        return buffer, min(length, MAX_NAME)
 
     def read(self, space: AddressSpace, address: int) -> str | None:
         """The text of the _UNICODE_STRING at `address` (Buffer, Length bytes); None when empty.

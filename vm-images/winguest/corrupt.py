@@ -248,16 +248,27 @@ def name_string(how: str):
 
 
 def optional_header(c: Corruptor) -> Damage:
-    """InfoMask claims creator and name info, which would lie before the header's page."""
-    sizes = c.b.om.sizes
-    reach = sizes[CREATOR] + sizes[NAME]
-    obj = c.some_object(lambda o: o.type not in SPECIAL_NAMES and o.name is None and not o.info_mask & NAME
-                        and o.header & 0xFFF < reach)
-    c.put(obj.header, "_OBJECT_HEADER", "InfoMask", obj.info_mask | CREATOR | NAME)
+    """One handle of an unnamed Event is moved to a copy of the event at the start of a page
+    after never-mapped pages, whose InfoMask claims creator and name info: they would lie
+    before its page, in memory no page table maps."""
+    obj = c.some_object(lambda o: o.type == "Event" and o.name is None)
     pid, handle = c.handles_of(obj)[0]
-    return Damage("optional-header", None, f"object {obj.body:#x}: InfoMask puts its name info off the page",
-                  [f"{obj.body:#x}"], marked=marked(c, obj, name=None),
-                  lookup={"pid": pid, "handle": handle, "words": [f"{obj.body:#x}"], "record": True})
+    table = next(p for p in c.b.procs if p.pid == pid).table
+    header = c.fresh_pages(1) + 0x10
+    body = header + (obj.body - obj.header)
+    c.kmem.write(header, c.kmem.read(obj.header, 0x18))
+    c.kmem.write(header + 0x18, bytes([c.b.om.stored_type_index("Event", header) & 0xFF, 0, CREATOR | NAME, 0]))
+    c.kmem.write(body, c.kmem.read(obj.body, 0x18))
+    at = table.entry_va(handle // 4)
+    if c.L.is_win7:
+        c.put(at, "_HANDLE_TABLE_ENTRY", "Object", header | (c.q(at) & 0xF))
+    else:
+        _, _, bits = c.L.bits("_HANDLE_TABLE_ENTRY", "ObjectPointerBits")
+        c.put(at, "_HANDLE_TABLE_ENTRY", "ObjectPointerBits", (header >> 4) & ((1 << bits) - 1))
+    return Damage("optional-header", pid, f"handle {handle:#x} -> event {body:#x} whose InfoMask puts its name "
+                  "info off its page, in unmapped memory", [f"{body:#x}"],
+                  marked={(pid, handle): {"object": body, "name": None}},
+                  lookup={"pid": pid, "handle": handle, "words": [f"{body:#x}"], "record": True})
 
 
 def kcb_loop(c: Corruptor) -> Damage:
