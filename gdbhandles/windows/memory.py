@@ -210,7 +210,7 @@ class AddressSpace:
         for shift in (39, 30, 21, 12):
             entry = self.phys.u64(table + ((va >> shift) & 0x1FF) * 8)
             if not entry & PRESENT and not _transition(entry):
-                raise UnreadablePage(va)
+                raise UnreadablePage(va, f"paged out: PTE {entry:#x}" if shift == 12 and entry else "page")
             elif shift in (30, 21) and entry & LARGE:
                 span = (1 << shift) - 1
                 return (entry & PFN_MASK & ~span) | (va & span & ~(PAGE - 1))
