@@ -341,6 +341,8 @@ def edit_truth(truth: dict, damages: list[Damage]) -> None:
         if key not in lost:
             handles.append({**record, **changes.get(key, {})})
     truth["handles"] = handles
+    for d in damages:                    # a record no walk can list is not marked either
+        d.marked = {k: v for k, v in d.marked.items() if k not in lost}
     truth["damage"] = [d.to_json() for d in damages]
     hurt = {d.pid for d in damages if d.lost}
     truth["invalid"] = [i for i in truth["invalid"] if i["pid"] not in hurt]
