@@ -17,6 +17,7 @@ from gdbhandles.errors import CorruptTable, HandleError
 from gdbhandles.windows.layouts import Field, Layout
 from gdbhandles.windows.memory import MASK64, AddressSpace
 from gdbhandles.windows.structure import Struct
+from gdbhandles.windows.table_damage import LEVEL_NAME, Problem, TableDamage
 
 __all__ = ["LookupStatus", "EntryForm", "HandleTableEntry", "HandleTable", "Entry", "Problem", "TableStep"]
 
@@ -60,13 +61,6 @@ class Entry:
     granted_access: int
     attributes: int
     empty: bool                         # both qwords zero: never handed out
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something a walk could not read; it goes on after reporting it."""
-    message: str
-    handle: int | None = None
 
 
 class HandleTableEntry(Struct):
@@ -196,7 +190,7 @@ class HandleTable:
     def _pointers(self, table: int, count: int) -> tuple[int, ...]:
         return struct.unpack(f"<{count}Q", self.space.read(table, 8 * count))
 
-    def low_pages(self, damage: "TableDamage | None" = None):
+    def low_pages(self, damage: TableDamage | None = None):
         """Yield (first index, low-level page, path) of every usable low-level page in range,
         each page once; what is unusable goes to `damage` (or is left unsaid)."""
         damage = damage or TableDamage(self.address)
@@ -208,12 +202,12 @@ class HandleTable:
             return
         damage.seen.add(self.top)
         if self.levels == 1:
-            for i, page in damage.children(self, self.top, 1, pages, lambda i: 1):
+            for i, page in damage.children(self._pointers, self.top, pages, lambda i: 1):
                 yield i * LOW_COUNT, page, [TableStep(1, self.top, i), TableStep(0, page, 0)]
             return
         span = lambda j: min(MID_COUNT, pages - j * MID_COUNT)  # noqa: E731  (low pages under mid slot j)
-        for j, mid in damage.children(self, self.top, 2, -(-pages // MID_COUNT), span):
-            for k, page in damage.children(self, mid, 1, span(j), lambda k: 1):
+        for j, mid in damage.children(self._pointers, self.top, -(-pages // MID_COUNT), span):
+            for k, page in damage.children(self._pointers, mid, span(j), lambda k: 1):
                 yield ((j * MID_COUNT + k) * LOW_COUNT, page,
                        [TableStep(2, self.top, j), TableStep(1, mid, k), TableStep(0, page, 0)])
 
@@ -331,66 +325,3 @@ class HandleTable:
         lowest free value first, so a free entry above it counts as never allocated."""
         return max((e.handle for e in self.entries() if isinstance(e, Entry) and e.header is not None),
                    default=0)
-
-
-LEVEL_NAME = {2: "top-level", 1: "mid-level", 0: "low-level"}
-
-
-class TableDamage:
-    """What one walk of a table found unusable: pages named twice, NULL slots below the bound,
-    unreadable pages; one Problem per (table page, kind of damage, page named again)."""
-
-    def __init__(self, table: int):
-        self.table = table
-        self.seen: set[int] = set()                 # every mid and low page already used
-        self.found: dict[tuple, list] = {}          # (parent, kind, page) -> [slots, pages lost, detail]
-        self.problems: list[Problem] = []
-
-    def note(self, parent: int, kind: str, page: int, lost: int, detail: str = "", slot: int | None = None) -> None:
-        key = (parent, kind, page if kind == "named again" else None)
-        slots, pages, _ = self.found.setdefault(key, [[], 0, detail or f"{page:#x}"])
-        if slot is not None:
-            slots.append(slot)
-        self.found[key][1] = pages + lost
-
-    def children(self, table: HandleTable, parent: int, level: int, count: int, lost):
-        """(slot, page) of the first `count` pointers of the table page `parent` (of `level`)
-        whose page is usable and not yet used; `lost(slot)` is how many low pages a slot covers."""
-        try:
-            pointers = table._pointers(parent, count)
-        except HandleError as exc:
-            self.note(parent, "unreadable", parent, sum(lost(i) for i in range(count)), str(exc))
-            return
-        for slot, child in enumerate(pointers):
-            if not child:
-                self.note(parent, "NULL", 0, lost(slot), slot=slot)
-            elif child in self.seen:
-                self.note(parent, "named again", child, lost(slot), slot=slot)
-            else:
-                self.seen.add(child)
-                yield slot, child
-
-    def report(self) -> list[Problem]:
-        here = f"handle table {self.table:#x}"
-        out = list(self.problems)
-        for (parent, kind, page), (slots, pages, detail) in self.found.items():
-            where = f"{_slots(slots)} of table page {parent:#x}" if slots else f"table page {parent:#x}"
-            lost = f"up to {pages * (LOW_COUNT - 1)} handles not listed"
-            if kind == "NULL":
-                text = f"{where} NULL below NextHandleNeedingPool: {lost}"
-            elif kind == "named again":
-                text = f"page {page:#x} named again by {where} (a damaged or hostile table): {lost}"
-            else:
-                text = f"{pages} low-level page(s) under {where} unreadable ({detail}): {lost}"
-            out.append(Problem(f"{here}: {text}"))
-        return out
-
-
-def _slots(slots: list[int]) -> str:
-    """'slot 3' or '127 slots (1-127)' or '3 slots (1, 4, 9)'."""
-    if len(slots) == 1:
-        return f"slot {slots[0]}"
-    if slots == list(range(slots[0], slots[-1] + 1)):
-        return f"{len(slots)} slots ({slots[0]}-{slots[-1]})"
-    shown = ", ".join(map(str, slots[:4])) + (", …" if len(slots) > 4 else "")
-    return f"{len(slots)} slots ({shown})"
