@@ -182,7 +182,8 @@ def lookup_text(record: LookupRecord, paint: Paint = plain) -> str:
             lines.append(f"  level {step.level}    {step.address:#018x} [{step.index}]")
         if record.entry is not None:
             lines.append(f"entry        {record.entry:#018x}")
-    lines.append(f"status       {record.status}")
+    lines += [f"damage       {escape(problem)}" for problem in record.problems]
+    lines.append(f"status       {record.status}" + (" (damaged: see above)" if record.problems else ""))
     return "\n".join(lines)
 
 
