@@ -29,8 +29,7 @@ def scenario_of(kind: str) -> str:
 
 def line(warning) -> str:
     """The one line a front end prints for a warning (pid, process and handle value included)."""
-    handle = f" handle {warning.handle:#x}" if warning.handle is not None else ""
-    return f"{warning.process}({warning.pid}){handle}: {warning.message}"
+    return str(warning)
 
 
 def key(record: dict) -> tuple:
