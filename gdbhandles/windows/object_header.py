@@ -124,6 +124,8 @@ class Headers:
             body, problem, type_name = header + self.struct.body_offset(), None, None
             if 2 <= index < self.type_end():
                 type_name = self.type_of_index(index)
+                if type_name is None:
+                    problem = f"object {body:#x}: the type object of TypeIndex {index:#x} is unreadable: type unknown"
             else:
                 problem = (f"object {body:#x}: TypeIndex {index:#x} is out of range (ObTypeIndexTable holds "
                            f"types 0x2-{self.type_end() - 1:#x}): type unknown")
