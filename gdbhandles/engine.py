@@ -140,32 +140,39 @@ class Windows:
 
     def _process_record(self, process: Process) -> ProcessRecord:
         code = bound = count = 0
-        level = None
+        level, problems = None, []
         if process.table:
             try:
                 table = self._table(process.table)
                 code, level, bound = table.table_code, table.levels, table.next_handle_needing_pool
-                count = self._handle_count(process, table)
+                count, problems = self._handle_count(process, table)
             except HandleError as exc:
-                self.warnings.append(WalkWarning(process.pid, process.name, str(exc)))
+                problems = [str(exc)]
+            self.warnings.extend(WalkWarning(process.pid, process.name, p) for p in problems)
         return ProcessRecord(process.pid, process.name, process.eprocess, process.dtb, process.table, code,
-                             level, bound, count, process.image_file_name, process.image_path)
+                             level, bound, count, process.image_file_name, process.image_path, problems)
 
-    def _handle_count(self, process: Process, table: HandleTable) -> int:
-        """Windows' own count (one read of the table header); the table counted entry by entry,
-        with a note saying so, when the layout has no counter or the counter is implausible."""
+    def _handle_count(self, process: Process, table: HandleTable) -> tuple[int, list[str]]:
+        """(count, damage met): Windows' own count (one read of the table header); the table
+        counted entry by entry (bounded like a walk, its damage said), with a note saying so,
+        when the layout has no counter or the counter is implausible. A NextHandleNeedingPool
+        past what the table holds is said either way."""
+        problems = [table.bound_problem] if table.bound_problem else []
         try:
             count = table.kernel_count()
         except CorruptTable as exc:
             self.warnings.append(WalkWarning(process.pid, process.name, f"{exc}; counted the entries instead"))
-            return table.count()
-        if count is None:
-            note = WalkWarning(None, None, "this layout has no _HANDLE_TABLE HandleCount: handle counts "
-                                           "are counted entry by entry")
-            if note not in self.warnings:
-                self.warnings.append(note)
-            return table.count()
-        return count
+            count = None
+        else:
+            if count is None:
+                note = WalkWarning(None, None, "this layout has no _HANDLE_TABLE HandleCount: handle counts "
+                                               "are counted entry by entry")
+                if note not in self.warnings:
+                    self.warnings.append(note)
+        if count is not None:
+            return count, problems
+        count, found = table.census()
+        return count, [p.message for p in found if p.message not in problems] + problems
 
     # --- walk ------------------------------------------------------------------------------
 

@@ -27,9 +27,15 @@ class ProcessRecord:
     handle_count: int            # handles in use: Windows' HandleCount (counted when the layout lacks it)
     image_file_name: str = ""    # _EPROCESS.ImageFileName (15 bytes at most)
     image_path: str | None = None   # NT path from SeAuditProcessCreationInfo, None when unknown
+    problems: list[str] = field(default_factory=list)   # damage met counting its handles
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """All fields; "problems" only when the table was damaged (handle_count is then what
+        could be counted)."""
+        out = asdict(self)
+        if not self.problems:
+            del out["problems"]
+        return out
 
 
 @dataclass
