@@ -14,6 +14,7 @@ import re
 
 import gdb
 
+from gdbhandles.automation.qemu_ram import flat_ranges
 from gdbhandles.errors import HandleError, UnreadablePage
 from gdbhandles.windows.memory import MASK64
 
@@ -53,26 +54,18 @@ def _packet(text: str) -> str | None:
 
 
 def ram_ranges() -> list[tuple[int, int]] | None:
-    """Guest-physical RAM/ROM ranges [start, end) from `monitor info mtree -f`; None if unknown."""
+    """Guest-physical RAM/ROM ranges [start, end) from `monitor info mtree -f`, adjacent ones
+    merged; None if unknown."""
     try:
         text = gdb.execute("monitor info mtree -f", to_string=True)
     except gdb.error:
         return None
     ranges: list[tuple[int, int]] = []
-    in_memory = False
-    for line in text.splitlines():
-        if line.startswith("FlatView"):
-            in_memory = False
-        elif line.startswith(' AS "memory"'):
-            in_memory = True
-        elif in_memory:
-            found = re.match(r"\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (?:ram|rom|romd)\)", line)
-            if found:
-                start, last = int(found.group(1), 16), int(found.group(2), 16)
-                if ranges and ranges[-1][1] == start:
-                    ranges[-1] = (ranges[-1][0], last + 1)
-                else:
-                    ranges.append((start, last + 1))
+    for start, end, _block in flat_ranges(text):
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
     return ranges or None
 
 
