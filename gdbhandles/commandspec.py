@@ -64,7 +64,7 @@ class Argument:
         return self.metavar or (self.name.upper() if self.positional else self.name.lstrip("-").upper())
 
 
-JSON = Argument("--json", "print one JSON list (the truth.json record shape) and nothing else", Kind.FLAG)
+JSON = Argument("--json", "print the records as JSON and nothing else (fields: docs/architecture.md)", Kind.FLAG)
 OUTPUT = Argument("--output", "write the output to FILE instead (atomically: a temporary file, then renamed)",
                   metavar="FILE")
 

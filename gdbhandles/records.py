@@ -1,7 +1,7 @@
 """Plain records the engine produces and render.py formats.
 
-`HandleRecord.to_json()` is exactly the truth.json handle shape, so tests and scripts
-compare lists directly.
+`HandleRecord.to_json()` is exactly the handle record docs/architecture.md documents, so
+tests and scripts compare lists directly.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class HandleRecord:
     problems: list[str] = field(default_factory=list)   # damage met decoding it: the fields it spoiled
 
     def to_json(self) -> dict:
-        """The truth.json shape; "problems" only when damage spoiled part of the record."""
+        """The documented record shape; "problems" only when damage spoiled part of the record."""
         out = {key: getattr(self, key) for key in HANDLE_KEYS}
         if self.problems:
             out["problems"] = list(self.problems)

@@ -4,6 +4,10 @@ A handle value's low 2 bits are tags and ignored; index = value / 4. Low-level p
 256 16-byte entries, mid- and top-level pages 512 pointers; `TableCode & 3` is the number
 of levels above the entries. Values at or beyond NextHandleNeedingPool do not exist, and
 the first entry of each low-level page is never a handle.
+
+About 330 lines: the entry (_HANDLE_TABLE_ENTRY in its Win7 and Win8+ forms), the table's
+own header and the walk stay together, because iteration, counting and lookup share one
+level arithmetic and one entry decoder.
 """
 
 from __future__ import annotations
