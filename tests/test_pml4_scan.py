@@ -10,23 +10,14 @@ from gdbhandles.engine import Windows
 from gdbhandles.errors import NotWindows
 from gdbhandles.windows import kernel
 from gdbhandles.windows.memory import DumpFile, PhysicalMemory
+from test_engine_guests import patched_copy
 
 
 def test_scan_finds_the_kernel_without_the_start_block(built_guest, tmp_path):
     directory = built_guest("19041")
     truth = json.loads((directory / "truth.json").read_text())
-    copy = tmp_path / "nostub.raw"
-    with open(directory / "memory.raw", "rb") as src, open(copy, "wb") as dst:
-        size = src.seek(0, 2)
-        src.seek(0)
-        for offset in range(0, size, 1 << 20):
-            chunk = src.read(1 << 20)
-            if chunk.count(0) != len(chunk):
-                dst.seek(offset)
-                dst.write(chunk)
-        dst.truncate(size)
-        dst.seek(truth["low_stub"])
-        dst.write(bytes(0x1000))                 # no processor start block
+    copy = patched_copy(directory / "memory.raw", tmp_path / "nostub.raw",
+                        {truth["low_stub"]: bytes(0x1000)})      # no processor start block
     windows = Windows.open(DumpFile(copy))
     info = windows.info()
     assert info.dtb_source == "self-referencing PML4 scan" and info.dtb == truth["kernel_dtb"]
