@@ -4,6 +4,7 @@ limit with one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import subprocess
 import pytest
 
 from gdbhandles.automation.qmp import Qmp, QmpError
-from qmp_peers import Peer, PEERS
+from qmp_peers import GREETING, PEERS, Peer, _lines
 
 SHORT = 0.3          # seconds: the peers below never answer, so every case waits this long once
 
@@ -102,3 +103,20 @@ def _first_client(path: str, qemu: subprocess.Popen) -> Qmp:
             except QmpError:
                 pass
         os.sched_yield()
+
+
+def _stale_events_then_monitor(connection):
+    """What QEMU sends a client after one that left with events unsent: those events, then
+    the greeting; then a monitor that answers query-status."""
+    event = {"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}
+    connection.sendall((json.dumps(event) + "\n").encode() * 3 + GREETING)
+    for line in _lines(connection):
+        request = json.loads(line)
+        answer = {"running": True, "status": "running"} if request["execute"] == "query-status" else {}
+        connection.sendall(json.dumps({"return": answer, "id": request.get("id")}).encode() + b"\n")
+
+
+def test_events_left_by_an_earlier_client_come_before_the_greeting(tmp_path):
+    with Peer(tmp_path / "qmp.sock", _stale_events_then_monitor):
+        with Qmp(str(tmp_path / "qmp.sock"), timeout=5, connect_timeout=5) as q:
+            assert q.status() == "running"

@@ -74,8 +74,10 @@ def test_handle_values_from_gdb_expressions(live):
     system = next(p for p in live.truth["processes"] if p["pid"] == 4)
     pid_offset = layouts.for_build(live.truth["profile"]["build"]).offset("_EPROCESS", "UniqueProcessId")
     first = by_pid(live.truth)[4][0]
-    assert first["handle"] == 4          # System's UniqueProcessId (4) read as a handle value
-    assert live.json(f"handle lookup 4 *(long*)({system['eprocess']:#x}+{pid_offset:#x}) --json") == [first]
+    # System's UniqueProcessId (4), read from guest memory, times a quarter of System's first handle
+    scale = first["handle"] // 4
+    expression = f"*(long*)({system['eprocess']:#x}+{pid_offset:#x})*{scale}"
+    assert live.json(f"handle lookup 4 {expression} --json") == [first]
     record = stable(live)[-1]
     live.gdb.console(f"set $h = {record['handle'] // 4}")
     assert live.json(f"handle lookup {record['pid']} $h*4 --json") == [record]

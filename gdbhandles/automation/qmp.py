@@ -26,6 +26,7 @@ TIMEOUT = 10.0                 # seconds for one command
 PMEMSAVE_RATE = 64 << 20       # bytes per second we grant pmemsave on top of TIMEOUT (measured ~550)
 JOB_TIMEOUT = 60.0             # seconds for a snapshot job
 MAX_MESSAGE = 16 << 20         # no QMP answer we ask for is this long
+STALE_EVENTS = 64              # events of an earlier client skipped before the greeting
 LOW_RAM_LIMIT = 0xB0000000     # the pc machine puts RAM above this beyond 4 GiB
 
 
@@ -104,6 +105,12 @@ class Qmp:
         deadline = time.monotonic() + timeout
         try:
             greeting = self._message(deadline, "greeting")
+            # QEMU's monitor keeps unsent output across clients: events queued for the one before
+            # may come first (seen under load). The greeting follows them; the wait stays bounded.
+            for _ in range(STALE_EVENTS):
+                if not (isinstance(greeting, dict) and "event" in greeting):
+                    break
+                greeting = self._message(deadline, "greeting")
         except _Silent:
             raise QmpError(f"{self.address}: no QMP greeting within {timeout:g} s: QEMU's monitor is busy with "
                            "another client (it serves one at a time), or this is not a QMP server") from None
