@@ -6,7 +6,8 @@ A walk decodes entry, header and type first, applies the pid and type filters, a
 names only for the handles that are left (the name filter last): names are most of the
 bytes a walk reads.
 
-About 330 lines: the four operations and the warnings each may give belong together; what
+About 420 lines: the four operations and the warnings each may give (two of them summaries
+of a whole walk) belong together; what
 they are built from lives in windows/ (one module per structure) and processes.py.
 """
 
@@ -25,7 +26,7 @@ from gdbhandles.windows.eprocess import Process, read_process
 from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
 from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
 from gdbhandles.windows.memory import MASK64, PhysicalMemory
-from gdbhandles.windows.names import Names
+from gdbhandles.windows.names import Names, NameSource
 from gdbhandles.windows.object_header import Header, Headers
 
 __all__ = ["Windows", "Progress"]
@@ -33,6 +34,7 @@ __all__ = ["Windows", "Progress"]
 CURRENT_PROCESS, CURRENT_THREAD = MASK64, MASK64 - 1
 KERNEL_HANDLE_BIT = 0x80000000
 UNTYPED_MIN, UNTYPED_SHARE = 8, 20      # warn from 8 untyped objects and more than 1 in 20
+UNNAMED_MIN, UNNAMED_SHARE = 8, 20      # the same for names that fail to decode
 STATUS_TEXT = {
     LookupStatus.FREE: "is free (closed; its entry holds no object)",
     LookupStatus.NEVER_ALLOCATED: "was never allocated",
@@ -54,6 +56,10 @@ class _Walk:
     said: set[str] = field(default_factory=set)
     decoded: int = 0                     # headers read, and how many of them named no known type
     untyped: int = 0
+    named: int = 0                       # objects with a name to decode, and per type how many failed
+    unnamed: dict[str, int] = field(default_factory=dict)
+    name_lines: int = 0                  # name failures said one by one, and those left to the summary
+    unlisted: int = 0
 
     def once(self, message: str) -> None:
         if message not in self.said:
@@ -65,6 +71,17 @@ class _Walk:
         if key not in self.said:
             self.said.add(key)
             self.report(WalkWarning(process.pid, process.name, message, handle))
+
+    def name_failure(self, process: Process, handle: int, message: str, key: str) -> None:
+        """Said like damage for the first UNNAMED_MIN structures; the rest only in the summary."""
+        if key in self.said:
+            return
+        if self.name_lines < UNNAMED_MIN:
+            self.name_lines += 1
+            self.damage(process, handle, message, key)
+        else:
+            self.said.add(key)
+            self.unlisted += 1
 
 
 class Windows:
@@ -199,6 +216,7 @@ class Windows:
                 total += 1
                 yield record
         self._untyped_share(walk.decoded, walk.untyped, walk.report)
+        self._unnamed_share(walk)
 
     def _walk_process(self, process: Process, walk: _Walk) -> Iterator[HandleRecord]:
         if not process.table:
@@ -230,6 +248,27 @@ class Windows:
                                       "this kernel's volatility3 ISF as the profile (set handle profile FILE, "
                                       "CLI: --profile FILE)"))
 
+    def _unnamed_share(self, walk: _Walk) -> None:
+        """One line when more than a small share of the walk's names failed to decode (then the
+        name structures' layout does not fit this kernel, or they are damaged, and names are not
+        to be trusted), or when failures were left unlisted. Layout gaps have their own line."""
+        failed = sum(walk.unnamed.values())
+        if not walk.unlisted and (failed < UNNAMED_MIN or failed * UNNAMED_SHARE <= walk.named):
+            return
+        kinds = sorted(walk.unnamed.items(), key=lambda item: -item[1])
+        where = ", ".join(f"{count} {kind} ({self.names.source_of(kind).value})" for kind, count in kinds[:4])
+        if len(kinds) > 4:
+            where += f" and {sum(count for _, count in kinds[4:])} of {len(kinds) - 4} other types"
+        if walk.unlisted:
+            where += f"; {walk.unlisted} failures beyond the first {UNNAMED_MIN} are not listed one by one"
+        checks = [c.name for c in self.kernel.checks if not c.passed]
+        why = f"failed checks: {'; '.join(checks)}" if checks else "all discovery checks passed"
+        walk.report(WalkWarning(None, None, f"{failed} of {walk.named} object names could not be decoded: {where}; "
+                                            f"the name layout ({self.kernel.layout.source}) does not fit this "
+                                            f"kernel or those structures are damaged ({why}); supply this "
+                                            "kernel's volatility3 ISF as the profile (set handle profile FILE, "
+                                            "CLI: --profile FILE)"))
+
     def _survivors(self, process: Process, page: list, walk: _Walk) -> list[tuple[Entry, Header]]:
         """The page's in-use entries whose object header is readable and of the wanted type."""
         used = [e for e in page if isinstance(e, Entry) and e.header is not None
@@ -256,14 +295,19 @@ class Windows:
         problems = [header.problem] if header.problem else []
         for problem in problems:
             walk.damage(process, handle, problem, problem)
+        named = self.names.source(header) is not NameSource.NONE
+        walk.named += named
         try:
             return self.names.name(header), problems
         except ProfileError as exc:
             walk.once(f"{header.type} names unknown: {exc}")
-            return None, problems
+            return None, problems + [_name_problem(header, exc)]
         except HandleError as exc:
             what = _name_problem(header, exc)
-            walk.damage(process, handle, what, str(exc) if isinstance(exc, DamagedChain) else what)
+            walk.name_failure(process, handle, what, str(exc) if isinstance(exc, DamagedChain) else what)
+            if named and not isinstance(exc, DamagedChain):     # a damaged shared chain is said once
+                kind = header.type or "object"
+                walk.unnamed[kind] = walk.unnamed.get(kind, 0) + 1
             return None, problems + [what]
 
     def type_names(self) -> list[str]:

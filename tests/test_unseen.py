@@ -211,3 +211,39 @@ def test_every_encoding_is_drawn_and_read():
     wanted |= {"ObpKernelHandleTable=rip", "ObpKernelHandleTable=lea", "ObpKernelHandleTable=copy",
                "ObpInfoMaskToOffset=base-first", "ObpInfoMaskToOffset=index-first"}
     assert wanted <= drawn, wanted - drawn
+
+
+def isf_moved(directory, tmp_path, struct, member, delta):
+    """The guest's symbols.json with one member moved by `delta` bytes (a layout that does not fit)."""
+    isf = json.loads((directory / "symbols.json").read_text())
+    isf["user_types"][struct]["fields"][member]["offset"] += delta
+    path = tmp_path / "moved.json"
+    path.write_text(json.dumps(isf))
+    return str(path)
+
+
+@pytest.mark.parametrize("struct, member, types", [
+    ("_OBJECT_HEADER_NAME_INFO", "Name", {"File", "Event"}),
+    ("_CM_KEY_BODY", "KeyControlBlock", {"Key"}),
+    ("_CM_KEY_CONTROL_BLOCK", "NameBlock", {"Key"})])
+def test_names_that_fail_give_one_summary_line(guest, tmp_path, struct, member, types):
+    directory, truth = guest("19041", guid="random")
+    windows = Windows.open(DumpFile(directory / "memory.raw"), isf=isf_moved(directory, tmp_path, struct, member, 8))
+    records = [r.to_json() for r in windows.walk()]
+    wanted = {(h["pid"], h["handle"]): h["name"] for h in truth["handles"]}
+    lost = [r for r in records if r["name"] is None and wanted[(r["pid"], r["handle"])] is not None]
+    assert {r["type"] for r in lost} >= types and len(lost) > len(records) // 20
+    assert all(any("unknown" in p for p in r["problems"]) for r in lost)      # never a bare null name
+    [summary] = [w.message for w in windows.warnings if "object names could not be decoded" in w.message]
+    assert summary.startswith(f"{len(lost)} of ") and "set handle profile FILE" in summary
+    assert "--profile FILE" in summary and all(t in summary for t in types)
+    one_by_one = [w for w in windows.warnings if w.message.startswith("name of ")]
+    assert len(one_by_one) == 8 and "not listed one by one" in summary
+
+
+def test_a_few_damaged_names_give_no_summary(guest):
+    directory, truth = guest("19041", corrupt=("name-odd",))
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    list(windows.walk())
+    assert [w for w in windows.warnings if w.message.startswith("name of ")]
+    assert not [w for w in windows.warnings if "object names could not be decoded" in w.message]

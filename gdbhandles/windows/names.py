@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
-from gdbhandles.errors import DamagedChain, HandleError
+from gdbhandles.errors import CorruptTable, DamagedChain, HandleError
 from gdbhandles.windows.ethread import EThread
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.kernel import Kernel
@@ -23,6 +23,7 @@ from gdbhandles.windows.unicode_string import UnicodeString
 __all__ = ["NameSource", "Names", "MAX_DIRECTORY_DEPTH"]
 
 MAX_DIRECTORY_DEPTH = 16
+REGISTRY_ROOT = "\\REGISTRY"    # the name of the root key control block on every build
 NAME_REACH = 0x40           # bytes before a header: every optional header that can hold a name
 BODY_REACH = 0x80           # bytes of the body the per-type rules read (FILE_OBJECT.FileName …)
 
@@ -57,6 +58,11 @@ class Names:
             return BY_TYPE[header.type]
         return NameSource.NAME_INFO if header.info_mask & NAME_INFO_BIT else NameSource.NONE
 
+    @staticmethod
+    def source_of(type_name: str) -> NameSource:
+        """Where names of objects of type `type_name` come from, for those that have one."""
+        return BY_TYPE.get(type_name, NameSource.NAME_INFO)
+
     def name(self, header: Header) -> str | None:
         """The object's name; HandleError if unreadable, ProfileError if the layout lacks a member."""
         if header.header not in self.decoded:
@@ -71,12 +77,20 @@ class Names:
         if source is NameSource.FILE:
             return self.file_name(body)
         if source is NameSource.KEY:
-            return key_path(space, layout, body, self.key_paths)
+            return self.key_name(body)
         if source is NameSource.PROCESS:
             return self.process_label(body)
         if source is NameSource.THREAD:
             return str(EThread.of(layout).thread_id(space, body))
         return None
+
+    def key_name(self, body: int) -> str:
+        """\\REGISTRY\\…: every key's control blocks chain up to the root named REGISTRY; a
+        chain that ends elsewhere is read through a wrong layout or damaged (CorruptTable)."""
+        path = key_path(self.kernel.space, self.kernel.layout, body, self.key_paths)
+        if path is None or not (path.upper() + "\\").startswith(REGISTRY_ROOT + "\\"):
+            raise CorruptTable(f"key {body:#x}: its control blocks do not chain up to the root \\REGISTRY")
+        return path
 
     def file_name(self, body: int) -> str | None:
         """Device path + FileName; the device part is left out when the device has no name."""
