@@ -94,6 +94,7 @@ class Qmp:
         self.timeout = timeout
         self._buffer = bytearray()
         self._id = 0
+        self._pending = None            # the id of a command sent and not yet answered
         self.sock = _connected(address, _address(address), connect_timeout)
         try:
             self._handshake(connect_timeout)
@@ -168,6 +169,7 @@ class Qmp:
             self.sock.sendall(json.dumps(request).encode() + b"\n")
         except OSError as exc:
             raise QmpError(f"QMP {command} failed: cannot send ({exc.strerror or exc}; QEMU gone?)") from None
+        self._pending = self._id
         while True:
             try:
                 reply = self._message(deadline, command)
@@ -178,6 +180,7 @@ class Qmp:
                 raise QmpError(f"QMP {command}: {self.address} is not a QMP server (it answered {_short(reply)})")
             if "event" in reply or reply.get("id") != self._id:
                 continue                 # an event, or the late answer to an earlier command
+            self._pending = None
             if "error" in reply:
                 error = reply["error"]
                 desc = error.get("desc", error) if isinstance(error, dict) else error
@@ -204,9 +207,34 @@ class Qmp:
     def ram_size(self) -> int:
         return self.execute("query-memory-size-summary")["base-memory"]
 
-    def pmemsave(self, path: str, size: int) -> None:
-        """Guest RAM from physical 0 into `path` (QEMU writes it; the VM should be paused)."""
-        self.execute("pmemsave", timeout=self.timeout + size / PMEMSAVE_RATE, val=0, size=size, filename=path)
+    def pmemsave(self, path: str, size: int, on_interrupt=lambda: None) -> None:
+        """Guest RAM from physical 0 into `path` (QEMU writes it; the VM should be paused).
+
+        QEMU cannot cancel a pmemsave, and until it ends its main loop serves nothing else (a
+        resume sent through gdb meanwhile times out, leaving QEMU paused and gdb believing it
+        runs: measured with a 2 GiB guest). So a Ctrl-C runs `on_interrupt()` (say so, remove
+        the partial file), waits for QEMU to finish, then propagates."""
+        timeout = self.timeout + size / PMEMSAVE_RATE
+        deadline = time.monotonic() + timeout
+        try:
+            self.execute("pmemsave", timeout=timeout, val=0, size=size, filename=path)
+        except KeyboardInterrupt:
+            on_interrupt()
+            self._settle(deadline)
+            raise
+
+    def _settle(self, deadline: float) -> None:
+        """Wait (until `deadline`, deaf to further Ctrl-C) for the answer to the command in
+        flight; give up silently on a silent or lost peer (the caller reports the interrupt)."""
+        while self._pending is not None:
+            try:
+                reply = self._message(deadline, "pending command")
+            except KeyboardInterrupt:
+                continue
+            except (_Silent, QmpError):
+                return
+            if isinstance(reply, dict) and reply.get("id") == self._pending and "event" not in reply:
+                self._pending = None
 
     def hmp(self, line: str) -> str:
         return self.execute("human-monitor-command", **{"command-line": line})

@@ -89,6 +89,13 @@ def resume(q: Qmp, then=lambda: None) -> None:
     then()
 
 
+def _interrupted_dump(directory: str) -> None:
+    gdb.write("gdbhandles: interrupted; QEMU cannot cancel the RAM dump it is writing: the VM "
+              "resumes once it has finished (the partial dump is removed)\n", gdb.STDERR)
+    gdb.flush()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def ram_dump(q: Qmp):
     """The paused VM's RAM as a DumpFile in a private directory, removed afterwards."""
@@ -100,7 +107,7 @@ def ram_dump(q: Qmp):
     dump = None
     try:
         path = os.path.join(directory, "ram.raw")
-        q.pmemsave(path, size)
+        q.pmemsave(path, size, on_interrupt=lambda: _interrupted_dump(directory))
         dump = DumpFile(path)
         yield dump
     finally:
