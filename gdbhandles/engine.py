@@ -226,12 +226,13 @@ class Windows:
         except HandleError as exc:
             walk.report(WalkWarning(process.pid, process.name, str(exc)))
             return
+        pid, image = process.pid, process.name
         for page in table.pages():
             survivors = self._survivors(process, page, walk)
-            self.names.prefetch([header for _, header in survivors])
+            self.names.prefetch([header for _, header in survivors], objects=walk.type is not None)
             for entry, header in survivors:
                 name, problems = self._name(process, entry.handle, header, walk)
-                record = HandleRecord(process.pid, process.name, entry.handle, header.body, header.type, name,
+                record = HandleRecord(pid, image, entry.handle, header.body, header.type, name,
                                       entry.granted_access, entry.attributes, problems)
                 if walk.name is None or walk.name in (record.name or "").lower():
                     yield record
@@ -273,7 +274,10 @@ class Windows:
         """The page's in-use entries whose object header is readable and of the wanted type."""
         used = [e for e in page if isinstance(e, Entry) and e.header is not None
                 and (walk.header is None or e.header == walk.header)]
-        self.headers.prefetch([e.header for e in used], fine=walk.type is not None)
+        if walk.type is None:         # every object will be named: bring all that is read at once
+            self.names.prefetch_objects([e.header for e in used])
+        else:
+            self.headers.prefetch([e.header for e in used], fine=True)
         for problem in (p for p in page if isinstance(p, Problem)):
             walk.report(WalkWarning(process.pid, process.name, problem.message, problem.handle))
         out = []

@@ -16,6 +16,7 @@ import enum
 import functools
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gdbhandles.errors import CorruptTable, HandleError
 from gdbhandles.windows.layouts import Field, Layout
@@ -57,8 +58,8 @@ class TableStep:
     index: int
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    """One in-range slot of a low-level page (a tuple: the walk builds one per slot)."""
     handle: int
     address: int
     header: int | None                  # None: no object (free or never used)
@@ -99,26 +100,29 @@ class HandleTableEntry(Struct):
             return at("ObjectPointerBits"), at("GrantedAccessBits"), at("Attributes")
         return at("Object"), at("GrantedAccess")
 
-    def decode_page(self, raw: bytes) -> list[tuple[int | None, int, int, bool]]:
-        """decode() of every entry in `raw` at once, plus whether the entry is all zero (the walk's
-        hot loop: one unpack per entry, no per-field calls)."""
-        out = []
+    def decode_page(self, raw: bytes, first: int, page: int) -> list[Entry]:
+        """The Entries of a low-level page at `page` whose slot 0 is entry `first`, from slot 1
+        to the end of `raw` (the walk's hot loop: one unpack per entry, no per-field calls)."""
+        out, handle, address = [], (first + 1) * HANDLE_STEP, page + ENTRY_SIZE
         if self.form is EntryForm.BITFIELDS:
             (ps, pm), (gs, gm), (ats, am) = self._plan
             top = (pm + 1) >> 1
-            for lo, hi in struct.iter_unpack("<QQ", raw):
+            for lo, hi in struct.iter_unpack("<QQ", raw[ENTRY_SIZE:]):
                 entry = lo | hi << 64
                 bits = (entry >> ps) & pm
-                out.append(((((bits ^ top) - top) << 4) & MASK64, (entry >> gs) & gm, (entry >> ats) & am, False)
-                           if bits else (None, 0, 0, not entry))
+                out.append(Entry(handle, address, (((bits ^ top) - top) << 4) & MASK64, (entry >> gs) & gm,
+                                 (entry >> ats) & am, False) if bits
+                           else Entry(handle, address, None, 0, 0, not entry))
+                handle, address = handle + HANDLE_STEP, address + ENTRY_SIZE
             return out
         (os_, om), (gs, gm) = self._plan
-        for lo, hi in struct.iter_unpack("<QQ", raw):
+        for lo, hi in struct.iter_unpack("<QQ", raw[ENTRY_SIZE:]):
             entry = lo | hi << 64
             value, granted = (entry >> os_) & om, (entry >> gs) & gm
             attributes = (value & 6) | (ATTRIBUTE_PROTECT_CLOSE if granted & PROTECT_CLOSE_BIT else 0)
-            out.append((value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes, False) if value
-                       else (None, 0, 0, not entry))
+            out.append(Entry(handle, address, value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes, False) if value
+                       else Entry(handle, address, None, 0, 0, not entry))
+            handle, address = handle + HANDLE_STEP, address + ENTRY_SIZE
         return out
 
     def _bitfields(self, raw: bytes, offset: int) -> tuple[int | None, int, int]:
@@ -238,8 +242,7 @@ class HandleTable:
                                                f"all zeros below NextHandleNeedingPool: up to {count - 1} "
                                                "handles not listed", first * HANDLE_STEP))
                 continue
-            decoded = self.format.decode_page(raw)
-            yield [Entry((first + i) * HANDLE_STEP, page + i * ENTRY_SIZE, *decoded[i]) for i in range(1, count)]
+            yield self.format.decode_page(raw, first, page)
         problems = damage.report()
         if problems:
             yield problems

@@ -52,10 +52,15 @@ class Names:
         self.paths: dict[int, str | HandleError] = {}
         self.key_paths: dict[int, str | None] = {}      # _CM_KEY_CONTROL_BLOCK -> its path
         self.decoded: dict[int, str | None] = {}
+        self.name_info_struct = ObjectHeaderNameInfo.of(kernel.layout)
+        self.files = FileObject.of(kernel.layout)
+        self.strings = UnicodeString.of(kernel.layout)
+        self.extents: dict[int, tuple[int, int] | None] = {}     # strings measured by prefetch
 
     def source(self, header: Header) -> NameSource:
-        if header.type in BY_TYPE:
-            return BY_TYPE[header.type]
+        found = BY_TYPE.get(header.type)
+        if found is not None:
+            return found
         return NameSource.NAME_INFO if header.info_mask & NAME_INFO_BIT else NameSource.NONE
 
     @staticmethod
@@ -65,15 +70,16 @@ class Names:
 
     def name(self, header: Header) -> str | None:
         """The object's name; HandleError if unreadable, ProfileError if the layout lacks a member."""
-        if header.header not in self.decoded:
-            self.decoded[header.header] = self._decode(header)
-        return self.decoded[header.header]
+        found = self.decoded.get(header.header, self)
+        if found is self:
+            found = self.decoded[header.header] = self._decode(header)
+        return found
 
     def _decode(self, header: Header) -> str | None:
         source = self.source(header)
         space, layout, body = self.kernel.space, self.kernel.layout, header.body
         if source is NameSource.NAME_INFO:
-            return ObjectHeaderNameInfo.of(layout).name(self.kernel, self.headers.name_info(header))
+            return self._text(self.name_info_struct.name_address(self.headers.name_info(header)))
         if source is NameSource.FILE:
             return self.file_name(body)
         if source is NameSource.KEY:
@@ -94,10 +100,17 @@ class Names:
 
     def file_name(self, body: int) -> str | None:
         """Device path + FileName; the device part is left out when the device has no name."""
-        files = FileObject.of(self.kernel.layout)
+        files = self.files
         device = files.device(self.kernel.space, body)
         prefix = self.object_path(device) if device else ""
-        return (prefix + (files.file_name(self.kernel.space, body) or "")) or None
+        return (prefix + (self._text(files.file_name_address(body)) or "")) or None
+
+    def _text(self, address: int) -> str | None:
+        """The _UNICODE_STRING at `address`, measured once (by prefetch, when it ran)."""
+        extent = self.extents.pop(address, self)
+        if extent is self:
+            extent = self.strings.extent(self.kernel.space, address)
+        return self.strings.text(self.kernel.space, extent)
 
     def object_path(self, body: int) -> str:
         """A named object's full path (`\\Device\\HarddiskVolume3`): its name-info names up the
@@ -129,19 +142,27 @@ class Names:
                 parts.append(info_struct.name(self.kernel, info) or "")
         return "\\" + "\\".join(reversed(parts)) if parts else ""
 
-    def prefetch(self, headers: list[Header]) -> None:
-        """Bring the name-info headers and body fields, then the strings they point to, into
-        the cache in few reads, for objects whose names will be decoded next."""
-        space, layout = self.kernel.space, self.kernel.layout
-        space.prefetch([(h.header - NAME_REACH, NAME_REACH + (h.body - h.header) + BODY_REACH) for h in headers])
+    def prefetch_objects(self, headers: list[int]) -> None:
+        """Bring what names are read from around many object headers (optional headers, the
+        header itself, the body fields) into the cache in few reads."""
+        reach = NAME_REACH + self.headers.struct.body_offset() + BODY_REACH
+        self.kernel.space.prefetch([(header - NAME_REACH, reach) for header in headers])
+
+    def prefetch(self, headers: list[Header], objects: bool = True) -> None:
+        """Bring the name-info headers and body fields (unless `objects` is False: already
+        there), then the strings they point to, into the cache in few reads, for objects whose
+        names will be decoded next."""
+        space = self.kernel.space
+        if objects:
+            self.prefetch_objects([h.header for h in headers])
         strings = []
         for header in headers:
             source = self.source(header)
             try:
                 if source is NameSource.NAME_INFO:
-                    strings.append(ObjectHeaderNameInfo.of(layout).name_address(self.headers.name_info(header)))
+                    strings.append(self.name_info_struct.name_address(self.headers.name_info(header)))
                 elif source is NameSource.FILE:
-                    strings.append(FileObject.of(layout).file_name_address(header.body))
+                    strings.append(self.files.file_name_address(header.body))
             except HandleError:       # ProfileError included: the name decode will report it
                 continue
-        space.prefetch(UnicodeString.of(layout).buffers(space, strings))
+        space.prefetch(self.strings.buffers(space, strings, self.extents))

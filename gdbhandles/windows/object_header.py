@@ -8,7 +8,9 @@ headers precede the header; the one of InfoMask bit b sits at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import operator
+from typing import Callable, NamedTuple
 
 from gdbhandles.errors import HandleError
 from gdbhandles.windows.kernel import Kernel
@@ -60,9 +62,8 @@ class ObjectType(Struct):
         return UnicodeString.of(self.layout).read(kernel.space, type_object + self.offset("Name"))
 
 
-@dataclass(frozen=True)
-class Header:
-    """What one _OBJECT_HEADER says, before any name is read."""
+class Header(NamedTuple):
+    """What one _OBJECT_HEADER says, before any name is read (a tuple: one per object of a walk)."""
     header: int
     body: int
     type: str | None
@@ -113,25 +114,40 @@ class Headers:
             self._type_end = end
         return self._type_end
 
+    @functools.cached_property
+    def _plan(self) -> tuple[int, int, Callable[[bytes], int], Callable[[bytes], int], int]:
+        """(first offset, size, TypeIndex from those bytes, InfoMask from them, Body offset):
+        what read() needs, resolved once."""
+        start, size = self.struct.span("TypeIndex", "InfoMask")
+
+        def getter(path: str) -> Callable[[bytes], int]:
+            field = self.struct.field(path)
+            if field.size == 1 and field.bit_length is None:       # a UCHAR (every x64 build)
+                return operator.itemgetter(field.offset - start)
+            return lambda raw: field.extract(raw, -start)
+        return start, size, getter("TypeIndex"), getter("InfoMask"), self.struct.body_offset()
+
     def read(self, header: int) -> Header:
         """Type and InfoMask of the object at `header` (3 bytes read); HandleError if unreadable.
         A TypeIndex outside ObTypeIndexTable gives type None and a `problem`."""
         known = self.decoded.get(header)
         if known is None:
-            start, size = self.struct.span("TypeIndex", "InfoMask")
-            raw = self.kernel.space.read(header + start, size)
-            index = self.real_type_index(header, self.struct.type_index(raw, -start))
-            body, problem, type_name = header + self.struct.body_offset(), None, None
-            if 2 <= index < self.type_end():
-                type_name = self.type_of_index(index)
-                if type_name is None:
-                    problem = f"object {body:#x}: the type object of TypeIndex {index:#x} is unreadable: type unknown"
-            else:
-                problem = (f"object {body:#x}: TypeIndex {index:#x} is out of range (ObTypeIndexTable holds "
-                           f"types 0x2-{self.type_end() - 1:#x}): type unknown")
-            known = Header(header, body, type_name, self.struct.info_mask(raw, -start), problem)
-            self.decoded[header] = known
+            known = self.decoded[header] = self._decode(header)
         return known
+
+    def _decode(self, header: int) -> Header:
+        start, size, type_index, info_mask, body_offset = self._plan
+        raw = self.kernel.space.read(header + start, size)
+        index = self.real_type_index(header, type_index(raw))
+        body, problem, type_name = header + body_offset, None, None
+        if 2 <= index < self.type_end():
+            type_name = self.types[index] if index in self.types else self.type_of_index(index)
+            if type_name is None:
+                problem = f"object {body:#x}: the type object of TypeIndex {index:#x} is unreadable: type unknown"
+        else:
+            problem = (f"object {body:#x}: TypeIndex {index:#x} is out of range (ObTypeIndexTable holds "
+                       f"types 0x2-{self.type_end() - 1:#x}): type unknown")
+        return Header(header, body, type_name, info_mask(raw), problem)
 
     def at_body(self, body: int) -> Header:
         return self.read(body - self.struct.body_offset())
@@ -151,5 +167,5 @@ class Headers:
         reads small pieces instead of whole lines (when few names will be read next)."""
         fresh = sorted({h for h in headers if h not in self.decoded})
         if fresh:
-            start, size = self.struct.span("TypeIndex", "InfoMask")
+            start, size = self._plan[:2]
             self.kernel.space.prefetch([(h + start, size) for h in fresh], fine)
