@@ -435,7 +435,7 @@ class Windows:
             stats=stats, header_cookie=kernel.header_cookie,
             warnings=notes + [str(w) for w in self.warnings],
             checks=[(c.name, c.passed, c.detail) for c in kernel.checks],
-            inferred=dict(getattr(kernel.layout, "how", {})))
+            inferred=getattr(kernel.layout, "described", dict)())
 
 
 def _name_problem(header: Header, exc: HandleError) -> str:

@@ -41,9 +41,12 @@ def test_future_info_lists_inferred_offsets_and_checks(future):
                  "_CM_KEY_CONTROL_BLOCK.NameBlock"):
         assert name in text, name
     assert "FAILED" not in text
+    for name in ("_KPCR.Prcb.CurrentThread", "_EPROCESS.Pcb.DirectoryTableBase"):   # two ways each, live
+        line = next(line for line in text.splitlines() if line.strip().startswith(name))
+        assert "code:" in line and "live:" in line, line
     checks = next(line for line in text.splitlines() if line.startswith("checks"))
     passed, total = checks.split()[1], checks.split()[3]
-    assert passed == total and int(total) >= 13, checks
+    assert passed == total and int(total) >= 15, checks
 
 
 def test_shipped_build_with_layout_infer():

@@ -29,6 +29,9 @@ INFERRED = ("_EPROCESS.UniqueProcessId", "_EPROCESS.ActiveProcessLinks", "_EPROC
             "_EPROCESS.ObjectTable", "_EPROCESS.Pcb.DirectoryTableBase", "_ETHREAD.Cid",
             "_KTHREAD.ApcState.Process", "_KPCR.Prcb.CurrentThread")
 
+BOTH_WAYS_OFFLINE = ("_EPROCESS.UniqueProcessId", "_EPROCESS.ImageFileName", "_EPROCESS.ObjectTable",
+                     "_EPROCESS.Pcb.DirectoryTableBase", "_ETHREAD.Cid")   # + CurrentThread with registers
+
 
 def image_reader(image):
     return lambda va, size: bytes(image.data[va - BASE:va - BASE + size])
@@ -79,6 +82,7 @@ def test_infer_mode_equals_truth_on_every_profile(guest, profile):
     info = windows.info()
     assert info.profile.startswith("inferred")
     assert set(INFERRED) <= set(info.inferred), info.inferred
+    assert all("code:" in info.inferred[f] and "live:" in info.inferred[f] for f in BOTH_WAYS_OFFLINE), info.inferred
     truth = short_names(truth)          # SeAuditProcessCreationInfo is not inferred
     check_processes(windows, truth)
     check_handles(windows, truth)
@@ -115,9 +119,7 @@ def test_future_build_is_read_by_inference_alone(guest):
     info = windows.info()
     assert info.profile.startswith("inferred") and "22631" in info.profile
     assert set(INFERRED) <= set(info.inferred)
-    assert all("code:" in info.inferred[f] and "live:" in info.inferred[f]
-               for f in ("_EPROCESS.UniqueProcessId", "_EPROCESS.ImageFileName", "_EPROCESS.ObjectTable",
-                         "_ETHREAD.Cid"))
+    assert all("code:" in info.inferred[f] and "live:" in info.inferred[f] for f in BOTH_WAYS_OFFLINE)
     truth = short_names(truth)          # SeAuditProcessCreationInfo is not inferred
     check_processes(windows, truth)
     check_handles(windows, truth)
@@ -247,3 +249,65 @@ def test_a_few_damaged_names_give_no_summary(guest):
     list(windows.walk())
     assert [w for w in windows.warnings if w.message.startswith("name of ")]
     assert not [w for w in windows.warnings if "object names could not be decoded" in w.message]
+
+
+def vcpu_registers(truth):
+    """What gdb gives per vCPU, as far as finding its KPCR needs (GS bases and CS)."""
+    return [{"gs_base": v["gs_base"], "k_gs_base": v["k_gs_base"], "cs": 0x10 if v["cpl"] == 0 else 0x33}
+            for v in truth["vcpus"]]
+
+
+def dtb_load(windows):
+    """Address of the instruction loading [process+DirectoryTableBase] on KeStackAttachProcess's path to CR3."""
+    kernel = windows.kernel
+    found = disasm.traces(kernel.space.read, kernel.base + kernel.image.exports["KeStackAttachProcess"], 2)
+    return next(a.at for t in found if t.cr3 for a in t.accesses if a.base == ("arg", 0) and a.disp == 0x28)
+
+
+def test_directory_table_base_two_ways_and_their_disagreement(guest, tmp_path):
+    directory, truth = guest("19041", guid="random", code_variants="random")
+    dump = directory / "memory.raw"
+    windows = Windows.open(DumpFile(dump), layout="infer")
+    how = windows.info().inferred["_EPROCESS.Pcb.DirectoryTableBase"]
+    assert how.startswith("0x28: code: KeStackAttachProcess -> CR3 written at") and "live: the only slot" in how
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    at = dtb_load(windows)                          # mov rax, [rcx+28h]: its displacement byte made 30h
+    assert space.read(at, 4) == bytes.fromhex("488b4128")
+    copy = patched_copy(dump, tmp_path / "wrongdtb.raw", {space.translate(at + 3): b"\x30"})
+    windows = Windows.open(DumpFile(copy), layout="infer")
+    info = windows.info()
+    [check] = [c for c in info.checks if c[0].startswith("_EPROCESS.Pcb.DirectoryTableBase")]
+    assert not check[1] and "0x30 (code: KeStackAttachProcess" in check[2] and "vs 0x28 (live:" in check[2]
+    assert info.inferred["_EPROCESS.Pcb.DirectoryTableBase"].startswith("0x28: live:")     # live data wins
+    check_processes(windows, short_names(truth))
+
+
+def test_current_thread_two_ways_on_every_vcpu(guest):
+    directory, truth = guest("future", scenario="kpti")
+    assert len(truth["vcpus"]) == 2
+    windows = Windows.open(DumpFile(directory / "memory.raw"), vcpu_registers(truth))
+    info = windows.info()
+    how = info.inferred["_KPCR.Prcb.CurrentThread"]
+    assert how.startswith("0x188: code: PsGetCurrentProcess") and "live: in 2 vCPU(s)' KPCR" in how
+    assert [c[1] for c in info.checks if c[0].startswith("_KPCR.Prcb.CurrentThread")] == [True]
+    for index, vcpu in enumerate(truth["vcpus"]):
+        record = windows.lookup(vcpu["pid"], -2, vcpu=index)
+        assert record.object == vcpu["thread"] and record.type == "Thread"
+
+
+def test_current_thread_from_ke_get_current_thread_when_ps_get_current_process_is_gone(guest, tmp_path):
+    directory, truth = guest("future")
+    dump = directory / "memory.raw"
+    kernel = Windows.open(DumpFile(dump)).kernel
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    gone = {space.translate(kernel.base + kernel.image.exports[name]): b"\xC3"      # ret: no code to read
+            for name in ("PsGetCurrentProcess", "IoGetCurrentProcess")}
+    windows = Windows.open(DumpFile(patched_copy(dump, tmp_path / "nocurrent.raw", gone)), vcpu_registers(truth))
+    info = windows.info()
+    assert info.inferred["_KPCR.Prcb.CurrentThread"].startswith("0x188: code: KeGetCurrentThread returns gs:[0x188]")
+    assert "live: in 1 vCPU(s)' KPCR" in info.inferred["_KPCR.Prcb.CurrentThread"]
+    assert info.inferred["_KTHREAD.ApcState.Process"].startswith(f"{0xb8:#x}: live:")
+    assert all(passed for _, passed, _ in info.checks), info.checks
+    vcpu = truth["vcpus"][0]
+    assert windows.lookup(vcpu["pid"], -1).object == next(p["eprocess"] for p in truth["processes"]
+                                                          if p["pid"] == vcpu["pid"])

@@ -64,6 +64,7 @@ class Trace:
     accesses: list[Access] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
     returns: list[Value | None] = field(default_factory=list)   # what rax held at each `ret`
+    cr3: list[tuple[Value | None, int]] = field(default_factory=list)   # what `mov cr3, reg` wrote, where
 
 
 _engine = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
@@ -146,6 +147,8 @@ class _Tracer:
                 if insn.mnemonic == "jmp":
                     break
                 continue
+            if insn.mnemonic == "mov" and insn.op_str.startswith("cr3,"):
+                self.trace.cr3.append((regs.get(CANONICAL.get(insn.operands[1].reg)), insn.address))
             self._step(insn, regs)
         return out
 
@@ -214,11 +217,16 @@ def trace(read: Reader, address: int) -> Trace:
     return _Tracer(read, address).run()
 
 
-def traces(read: Reader, address: int) -> list[Trace]:
-    """The function and its first direct callees (the worker routines real builds call)."""
-    first = trace(read, address)
-    callees = list(dict.fromkeys(first.calls))[:FOLLOW_CALLS]
-    return [first] + [trace(read, callee) for callee in callees]
+def traces(read: Reader, address: int, depth: int = 1) -> list[Trace]:
+    """The function and its first direct callees (the worker routines real builds call), and
+    theirs down to `depth` calls deep."""
+    found = level = [trace(read, address)]
+    for _ in range(depth):
+        done = {t.address for t in found}
+        callees = [c for c in dict.fromkeys(c for t in level for c in t.calls) if c not in done][:FOLLOW_CALLS]
+        level = [trace(read, callee) for callee in callees]
+        found += level
+    return found
 
 
 # --- what callers ask for ----------------------------------------------------------------------
@@ -241,6 +249,11 @@ def field_reads(found: list[Trace], base: Value, size: int | None = None,
     (e.g. ("arg", 0): fields of the first argument)."""
     return [(a.disp, a.at) for t in found for a in t.accesses
             if a.base == base and a.index is None and a.lea == lea and (size is None or a.size == size)]
+
+
+def cr3_writes(found: list[Trace]) -> list[tuple[Value | None, int]]:
+    """(what was written, instruction address) of every `mov cr3, reg`."""
+    return [write for t in found for write in t.cr3]
 
 
 def loads_through(found: list[Trace], kind: str, size: int = 8) -> list[tuple[Value, int, int]]:

@@ -3,7 +3,7 @@ globals (kernel_globals.py), then the invariants every later step relies on (val
 
 from __future__ import annotations
 
-from gdbhandles.windows import infer, infer_threads, kernel as kernel_module, kernel_globals, validate
+from gdbhandles.windows import infer, infer_cpu, infer_threads, kernel as kernel_module, kernel_globals, validate
 from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.memory import PhysicalMemory
 
@@ -27,10 +27,13 @@ def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int
         inferred = kernel.layout = infer.InferredLayout(kernel.layout, build)
         system = space.u64(kernel_globals.export(kernel, "PsInitialSystemProcess"))
         infer.infer_process(kernel, inferred, system)
+        infer_cpu.check_dtb(kernel, inferred)          # its first way only: no process list yet
         infer_threads.infer_thread_code(kernel, inferred)
     kernel_globals.resolve(kernel, symbols)
     if inferred is not None:
         infer_threads.check_threads(kernel, inferred)
+        infer_cpu.check_dtb(kernel, inferred)
+        infer_cpu.check_current_thread(kernel, inferred, registers)
         infer_threads.infer_kcb(kernel, inferred)
     validate.run(kernel)
     return kernel

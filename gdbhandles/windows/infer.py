@@ -22,7 +22,6 @@ INFERRED = {"_EPROCESS": ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable"
             "_ETHREAD": ("Cid",), "_KTHREAD": ("ApcState.Process", "Process"), "_KPCR": ("Prcb.CurrentThread",),
             "_CM_KEY_CONTROL_BLOCK": ("NameBlock", "ParentKcb")}
 EPROCESS_SCAN = 0x1000          # bytes of System's EPROCESS searched for invariants
-DIRECTORY_TABLE_BASE = 0x28     # _KPROCESS.DirectoryTableBase on every x64 build
 SYSTEM_PID = 4
 
 
@@ -40,6 +39,10 @@ class InferredLayout(layouts.Layout):
     def put(self, struct: str, path: str, offset: int, size: int, how: str) -> None:
         self.fields[(struct, path)] = Field(offset, size)
         self.how[f"{struct}.{path}"] = how
+
+    def described(self) -> dict[str, str]:
+        """Each inferred offset with how it was found (handle info)."""
+        return {name: f"{self.fields[tuple(name.split('.', 1))].offset:#x}: {how}" for name, how in self.how.items()}
 
     def _own(self, struct, path):
         if struct in INFERRED:
@@ -59,12 +62,12 @@ def nearest_base(build: int) -> layouts.ProfileLayout:
     return layouts.for_build(nearest)
 
 
-def exported_code(kernel: Kernel, *names: str) -> list[tuple[str, list[disasm.Trace]]]:
+def exported_code(kernel: Kernel, *names: str, depth: int = 1) -> list[tuple[str, list[disasm.Trace]]]:
     out = []
     for name in names:
         rva = kernel.image.exports.get(name)
         if rva is not None:
-            out.append((name, disasm.traces(kernel.space.read, kernel.base + rva)))
+            out.append((name, disasm.traces(kernel.space.read, kernel.base + rva, depth)))
     return out
 
 
@@ -139,8 +142,6 @@ def infer_process(kernel: Kernel, layout: InferredLayout, system: int) -> None:
     table, how = agree(kernel, "_EPROCESS.ObjectTable", _object_table_code(kernel),
                         _object_table_live(kernel, words))
     layout.put("_EPROCESS", "ObjectTable", table, 8, how)
-    layout.put("_EPROCESS", "Pcb.DirectoryTableBase", DIRECTORY_TABLE_BASE, 8,
-               "every x64 build; checked: each process's page table maps the kernel like the kernel's")
 
 
 def _object_table_code(kernel: Kernel) -> tuple[int, str] | None:

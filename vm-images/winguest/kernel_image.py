@@ -102,6 +102,51 @@ def _epilogue(f: dict, forms: dict, what: str, name: str, leave: str, rng: rando
     return "\n    jmp {" + name + "}"
 
 
+def _attach(L: Layout) -> dict[str, str]:
+    """KeStackAttachProcess in the shape of the real builds: the attach proper in
+    KiAttachProcess, which has KiSwapProcess load the new process's DirectoryTableBase into CR3."""
+    return {"KeStackAttachProcess": """
+    mov [rsp + 8], rbx
+    push rdi
+    sub rsp, 30h
+    mov rdi, rdx                         ; rcx = _KPROCESS, rdx = _KAPC_STATE to save into
+    mov rbx, rcx
+    mov rax, [gs:188h]
+    cmp [rax + {off:_KTHREAD.ApcState.Process}], rcx
+    je .same
+    mov r8, rdi
+    mov rdx, rbx
+    mov rcx, rax
+    call {KiAttachProcess}
+    jmp .done
+.same:
+    mov qword [rdi + 20h], 1             ; already in that process: nothing saved
+.done:
+    mov rbx, [rsp + 40h]
+    add rsp, 30h
+    pop rdi
+    ret""", "KiAttachProcess": """
+    push rbx
+    sub rsp, 20h
+    mov rbx, rcx                         ; rcx = thread, rdx = process, r8 = saved state
+    mov r9, [rcx + {off:_KTHREAD.ApcState.Process}]
+    mov [r8 + 20h], r9
+    mov [rcx + {off:_KTHREAD.ApcState.Process}], rdx
+    mov rcx, rdx
+    mov rdx, r9
+    call {KiSwapProcess}
+    add rsp, 20h
+    pop rbx
+    ret""", "KiSwapProcess": """
+    mov r8, [gs:20h]                     ; rcx = new process, rdx = old; KPCR.CurrentPrcb
+    mov rax, [rcx + {off:_EPROCESS.Pcb.DirectoryTableBase}]
+    test rax, rax
+    jz .done
+    mov cr3, rax
+.done:
+    ret"""}
+
+
 def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = None,
                forms: dict[str, str] | None = None) -> dict[str, str]:
     """nasm source of every function; with `rng`, the exported ones the tools disassemble in
@@ -126,6 +171,8 @@ def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = 
     f["KeGetCurrentThread"] = """
     mov rax, [gs:188h]
     ret"""
+    f["PsGetCurrentThread"] = f["KeGetCurrentThread"]
+    f.update(_attach(L))
     f["PsGetCurrentProcessId"] = """
     mov rax, [gs:188h]
     mov rax, [rax + {off:_ETHREAD.Cid}]
@@ -448,7 +495,8 @@ IDT_STUB = """
 CODE_EXPORTS = ("PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId", "PsGetProcessImageFileName",
                 "PsGetThreadId", "PsGetThreadProcessId", "PsGetThreadProcess", "ObReferenceObjectByHandle",
                 "ObReferenceObjectByHandleWithTag", "ObQueryNameString", "PsGetCurrentProcess",
-                "IoGetCurrentProcess", "KeGetCurrentThread", "PsGetCurrentProcessId", "ExAllocatePoolWithTag",
+                "IoGetCurrentProcess", "KeGetCurrentThread", "PsGetCurrentThread", "KeStackAttachProcess",
+                "PsGetCurrentProcessId", "ExAllocatePoolWithTag",
                 "KeBugCheckEx")
 KVAS_FUNCTIONS = {"KiSystemCall64Shadow", "KiKernelIretExit"}
 IDT_NAME = "KiIdtHandler{:02X}"
