@@ -1,6 +1,6 @@
 """gdb on a terminal (a pty, as a user runs it): colours through gdb's `style enabled`, the
-prompt back after an auto-paused command's SIGINT line, and JSON through `pipe` while the
-walk's side lines stay on the terminal."""
+prompt last after an auto-paused command (and back after `handle pause`'s SIGINT line), and
+JSON through `pipe` while the walk's side lines stay on the terminal."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import pytest
 
 from boot import booted                       # vm-images/, put on sys.path by conftest.py
-from pty_gdb import ANSI, PtyGdb
+from pty_gdb import ANSI, READLINE, PtyGdb
 from test_gdb_live import GDBINIT, key
 from winguest.cache import guest as cached_guest
 
@@ -57,19 +57,24 @@ def test_pipe_of_json_gets_only_json_on_a_terminal(terminal, tmp_path):
     assert gdb.command("print $_shell_exitcode").strip().endswith("= 0")
 
 
-def test_prompt_comes_back_after_the_sigint_line_of_auto_pause(terminal):
+def test_auto_paused_commands_end_with_their_prompt(terminal):
+    """Auto-pause holds the VM in a way gdb does not see: no SIGINT stop after the command, the
+    prompt is the last thing on the terminal. `handle pause` is a stop gdb reports: the prompt
+    comes back below its SIGINT line."""
     gdb, truth, vm = terminal
     gdb.command(f"set handle qmp {vm.qmp}")
     gdb.command("set handle auto-pause on")
     gdb.command("continue &")
     try:
         for command in ("handle ps", "handle walk 4 --type File"):
-            gdb.send(command)
-            gdb.expect(re.escape(command))
-            gdb.expect(r"\(gdb\) ")                                      # the command's own prompt
-            gdb.expect(r"Program received signal SIGINT, Interrupt\.[^\n]*\n[^\n]*\n")
-            gdb.expect(r"\(gdb\) ")                                      # ... and the prompt again below
-            assert "running" in gdb.command("handle vmstatus")
+            text = gdb.command(command)
+            assert "SIGINT" not in text and ANSI.sub("", text).split()[0] in ("PID", "4"), text
+            after_prompt = gdb.mark
+            gdb.send("handle vmstatus")                  # the next line typed: nothing came between
+            echo = gdb.expect(re.escape("handle vmstatus"))
+            assert READLINE.sub("", gdb.seen[after_prompt:echo.start()]) == ""
+            gdb.expect(r"\(gdb\) ")
+            assert "QEMU: running; gdb: running" in gdb.seen[echo.end():gdb.mark]
         assert "gdb reports the stop" in gdb.command("handle pause")
         gdb.expect(r"Program received signal SIGINT, Interrupt\.[^\n]*\n[^\n]*\n")
         gdb.expect(r"\(gdb\) ")

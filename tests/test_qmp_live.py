@@ -108,7 +108,6 @@ def test_auto_pause_reads_one_instant_of_the_churn_guest(tmp_path):
                 whole += 1
             else:
                 assert from_states(records, states)
-            # gdb takes the SIGINT stop QMP's `stop` caused, then `continue &` resumes the VM
             wait_status(gdb, "QEMU: running; gdb: running")
             walked = canonical(gdb.json(f"handle walk {churn['pid']} --json"))
             assert from_states(walked, states)
@@ -124,6 +123,31 @@ def test_auto_pause_reads_one_instant_of_the_churn_guest(tmp_path):
         assert from_states(canonical(gdb.json(f"handle walk {churn['pid']} --json")), states)
         time.sleep(0.3)
         assert status(gdb) == "QEMU: paused; gdb: stopped"
+
+
+def test_auto_paused_commands_print_only_their_own_output():
+    """Auto-pause holds the VM in a run state QEMU's gdbstub does not report: gdb sees no stop,
+    so no command's raw console text (what a pygdbmi script reads) carries a "Program received
+    signal SIGINT", and no *stopped record comes; the VM runs again when each command returns."""
+    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=60) as gdb:
+        attach(vm, gdb)
+        gdb.console("set handle auto-pause on")
+        gdb.cont()
+        wait_status(gdb, "QEMU: running; gdb: running")
+        outputs = {}
+        for command in ("handle ps", "handle walk 4 --type File", "handle lookup 4 0x4", "handle ps --json",
+                        "handle vmstatus"):
+            outputs[command] = gdb.console(command)
+        for command, text in outputs.items():
+            assert "SIGINT" not in text and "Program received" not in text, (command, text)
+        assert outputs["handle ps"].split()[0] == "PID"
+        assert json.loads(outputs["handle ps --json"])[0]["pid"] == 4      # the whole console text is JSON
+        assert outputs["handle vmstatus"] == "QEMU: running; gdb: running\n"
+        assert [r for r in gdb.backlog if r.get("message") == "stopped"] == []
+        stop = gdb.interrupt()                           # the first stop gdb hears of is the user's
+        assert stop["payload"].get("signal-name") == "SIGINT"
+        gdb.drain()
+        wait_status(gdb, "QEMU: paused; gdb: stopped")
 
 
 def test_without_pause_a_running_churn_guest_tears(tmp_path):

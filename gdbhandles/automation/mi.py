@@ -57,14 +57,6 @@ def quote(text: str) -> str:
     return f'"{escaped}"'
 
 
-def _json_part(text: str) -> str:
-    """The command's JSON: from the first line that starts one. gdb may print an asynchronous
-    stop it took meanwhile ("Program received signal SIGINT" after an auto-pause) before it."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith(("[", "{"))), 0)
-    return "".join(lines[start:])
-
-
 class Gdb:
     """One gdb process in MI mode; all-stop, `mi-async on` (so we can interrupt a running target)."""
 
@@ -160,7 +152,7 @@ class Gdb:
         """Run a `--json` command and parse its output (the whole console text must be JSON)."""
         text = self.console(command, timeout)
         try:
-            return json.loads(_json_part(text))
+            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise MiError(f"{command!r} printed no JSON: {text[:200]!r}") from exc
 

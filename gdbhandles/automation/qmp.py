@@ -1,4 +1,4 @@
-"""QEMU's monitor (QMP): run state, pause/resume, RAM dumps, snapshots.
+"""QEMU's monitor (QMP): run state, pause/resume (also the hold gdb does not see), RAM dumps, snapshots.
 
 A small synchronous client on a plain socket, so that every step has a time limit and a
 Ctrl-C leaves nothing behind (qemu.qmp's asyncio loop had neither: a silent peer blocked for
@@ -13,6 +13,7 @@ that queue is full, connect() fails with EAGAIN. Both read as "busy with another
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ JOB_TIMEOUT = 60.0             # seconds for a snapshot job
 MAX_MESSAGE = 16 << 20         # no QMP answer we ask for is this long
 STALE_EVENTS = 64              # events of an earlier client skipped before the greeting
 LOW_RAM_LIMIT = 0xB0000000     # the pc machine puts RAM above this beyond 4 GiB
+HOLD_FD = "gdbhandles-hold"    # the name QEMU gives the hold's pipe (getfd)
 
 
 class QmpError(HandleError):
@@ -95,6 +97,7 @@ class Qmp:
         self._buffer = bytearray()
         self._id = 0
         self._pending = None            # the id of a command sent and not yet answered
+        self.events: list[dict] = []       # events seen while waiting for answers, newest last
         self.sock = _connected(address, _address(address), connect_timeout)
         try:
             self._handshake(connect_timeout)
@@ -160,13 +163,16 @@ class Qmp:
         except ValueError:
             raise QmpError(f"{self.address} is not a QMP server (it sent {_short(line)})") from None
 
-    def _command(self, command: str, arguments: dict, timeout: float):
+    def _command(self, command: str, arguments: dict, timeout: float, fd: int | None = None):
+        """One command and its answer; `fd` goes along with it (SCM_RIGHTS, unix sockets)."""
         deadline = time.monotonic() + timeout
         self._id += 1
         request = {"execute": command, "id": self._id, **({"arguments": arguments} if arguments else {})}
+        data = json.dumps(request).encode() + b"\n"
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            sent = 0 if fd is None else socket.send_fds(self.sock, [data], [fd])
+            self.sock.sendall(data[sent:])
         except OSError as exc:
             raise QmpError(f"QMP {command} failed: cannot send ({exc.strerror or exc}; QEMU gone?)") from None
         self._pending = self._id
@@ -178,8 +184,11 @@ class Qmp:
                                "(QEMU hangs, or this is not a QMP server)") from None
             if not isinstance(reply, dict) or not ({"return", "error", "event"} & reply.keys()):
                 raise QmpError(f"QMP {command}: {self.address} is not a QMP server (it answered {_short(reply)})")
-            if "event" in reply or reply.get("id") != self._id:
-                continue                 # an event, or the late answer to an earlier command
+            if "event" in reply:
+                self.events = [*self.events[-STALE_EVENTS:], reply]
+                continue
+            if reply.get("id") != self._id:
+                continue                 # the late answer to an earlier command
             self._pending = None
             if "error" in reply:
                 error = reply["error"]
@@ -203,6 +212,51 @@ class Qmp:
 
     def cont(self) -> None:
         self.execute("cont")
+
+    def wait_event(self, name: str, timeout: float | None = None) -> dict:
+        """The first event `name` seen since self.events was last cleared, waited for if need be."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event.get("event") == name:
+                    del self.events[:i + 1]
+                    return event
+            try:
+                message = self._message(deadline, name)
+            except _Silent:
+                raise QmpError(f"QMP: no {name} event from QEMU within {timeout:g} s") from None
+            if isinstance(message, dict) and "event" in message:
+                self.events.append(message)
+
+    @property
+    def can_hold(self) -> bool:
+        return self.sock is not None and self.sock.family == socket.AF_UNIX
+
+    @contextlib.contextmanager
+    def held(self):
+        """The running VM paused for the block and resumed after (also on error, Ctrl-C, or when
+        this process dies), in a run state QEMU's gdbstub does not report: an attached gdb that
+        believes the target runs sees no stop (a QMP `stop` would make it print a SIGINT stop
+        after our command). How: a detached `dump-guest-memory` into a pipe nobody reads stops
+        the VM in `save-vm` until its write fails; closing our end of the pipe makes it fail, and
+        QEMU resumes the VM. Unix sockets only (can_hold): the pipe is passed with SCM_RIGHTS."""
+        reader, writer = os.pipe()
+        try:
+            try:
+                self._command("getfd", {"fdname": HOLD_FD}, self.timeout, fd=writer)
+            finally:
+                os.close(writer)
+            self.execute("dump-guest-memory", paging=False, protocol=f"fd:{HOLD_FD}", detach=True)
+            self.events.clear()          # a RESUME from now on is the end of this hold
+            yield
+            if self.status() != "save-vm":
+                raise QmpError("the VM ran while it was read (QEMU ended the hold early); read it again")
+        except BaseException:
+            os.close(reader)
+            raise
+        os.close(reader)                 # the dump's next write fails: QEMU resumes the VM
+        self.wait_event("RESUME")
 
     def ram_size(self) -> int:
         return self.execute("query-memory-size-summary")["base-memory"]

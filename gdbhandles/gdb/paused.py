@@ -4,7 +4,9 @@ The rule (measured on QEMU 7.2, see README): a QMP `stop` is always safe — if 
 the target runs, QEMU sends gdb a stop reply and gdb reports a SIGINT stop. A QMP `cont`
 behind gdb's back is not: gdb's next packet would stall 2 s and leave the two out of step. So
 whenever gdb is attached, resuming goes through gdb (`continue &`); QMP `cont` is only used
-when no gdb target is connected. A VM that was already paused stays paused.
+when no gdb target is connected. A VM that was already paused stays paused. Auto-pause avoids
+both where it can: QMP's hold (qmp.py) pauses in a run state the gdbstub does not report, and
+QEMU itself resumes the VM when the hold ends, so gdb never sees a stop.
 """
 
 from __future__ import annotations
@@ -119,19 +121,26 @@ def ram_dump(q: Qmp):
 @contextlib.contextmanager
 def paused_vm():
     """The VM paused for the time of the block (yields the QMP connection) and resumed after
-    (also on error or Ctrl-C) unless it was paused before."""
+    (also on error or Ctrl-C) unless it was paused before. Over a unix socket the pause is QMP's
+    hold (qmp.py), which gdb does not see: the command's output is all it prints. Over TCP it is
+    a QMP `stop`, which gdb reports as a SIGINT stop after the command, resumed through gdb."""
     q = monitor()
     guardian = None
     try:
-        paused_by_us = q.status() == "running"
-        if paused_by_us:
-            guardian = Guardian(q.address)       # resumes the VM if gdb dies before the finally below
-            q.stop()
+        if q.status() != "running":
+            yield q
+            return
+        guardian = Guardian(q.address)       # resumes the VM if gdb dies before the finally below
+        if q.can_hold:
+            with q.held():
+                yield q
+            guardian.done()
+            return
+        q.stop()
         try:
             yield q
         finally:
-            if paused_by_us:
-                resume(q, then=guardian.done)
+            resume(q, then=guardian.done)
     except BaseException:
         if guardian is not None and not _after_stop:
             guardian.done()         # the pause never began or resume() failed: it must not wait for ever
