@@ -99,6 +99,13 @@ def test_settings(loaded, built_guest):
     assert str(isf) in loaded.console("show handle profile")
     loaded.console("set handle profile")
     assert "(none: shipped profiles)" in loaded.console("show handle profile")
+    loaded.console("set handle dtb 0x1ad000")        # a refused address keeps the accepted one
+    assert one_line_error(loaded, "set handle dtb 0x1234") == "handle dtb: 0x1234 is not page-aligned (it must end in 000)"
+    assert loaded.console("show handle dtb").strip() == "Kernel DTB: 0x1ad000"
+    assert one_line_error(loaded, "set handle kernel-base nonsense").startswith("handle kernel-base: ")
+    assert loaded.console("show handle kernel-base").strip() == "Kernel base: (discovered)"
+    loaded.console("set handle dtb")
+    assert loaded.console("show handle dtb").strip() == "Kernel DTB: (discovered)"
     loaded.console("set handle progress off")
     assert loaded.console("show handle progress").strip().endswith("off")
     loaded.console("set handle progress on")

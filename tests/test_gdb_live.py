@@ -248,16 +248,22 @@ def kpti(request):
 def test_kpti_every_vcpu_selected_in_turn(kpti):
     vcpus = kpti.truth["vcpus"]
     assert len(vcpus) == 2 and any(v["cpl"] == 3 for v in vcpus)
-    expected = sorted(kpti.truth["handles"], key=key)
-    try:
-        for vcpu in vcpus:
-            kpti.gdb.console(f"thread {vcpu['index'] + 1}")
-            assert sorted(kpti.json("handle walk all --json"), key=key) == expected
-            for record in sample(kpti.truth["handles"], 5):
-                assert kpti.json(f"handle lookup {record['pid']} {record['handle']:#x} --json") == [record]
-    finally:
-        kpti.gdb.console("thread 1")
+    check_every_vcpu(kpti, lookups=5)
     check_pseudo_handles(kpti)
+
+
+def check_every_vcpu(live: Live, lookups: int) -> None:
+    """With each vCPU selected in turn (kpti: one stopped in user mode), `walk all` equals truth
+    and `lookups` sampled lookups give their records."""
+    expected = sorted(live.truth["handles"], key=key)
+    try:
+        for vcpu in live.truth["vcpus"]:
+            live.gdb.console(f"thread {vcpu['index'] + 1}")
+            assert sorted(live.json("handle walk all --json"), key=key) == expected
+            for record in sample(live.truth["handles"], lookups):
+                assert live.json(f"handle lookup {record['pid']} {record['handle']:#x} --json") == [record]
+    finally:
+        live.gdb.console("thread 1")
 
 
 @pytest.fixture(scope="module", params=THREE)

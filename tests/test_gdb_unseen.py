@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from test_engine_guests import short_names
-from test_gdb_live import check_pseudo_handles, key, live_guest, sample
+from test_gdb_live import check_every_vcpu, check_pseudo_handles, live_guest
 
 pytestmark = pytest.mark.integration
 
@@ -19,15 +19,7 @@ def future(request):
 
 
 def test_future_walk_ps_lookup_equal_truth(future):
-    expected = sorted(future.truth["handles"], key=key)
-    try:
-        for vcpu in future.truth["vcpus"]:                  # kpti: the user-mode vCPU selected too
-            future.gdb.console(f"thread {vcpu['index'] + 1}")
-            assert sorted(future.json("handle walk all --json"), key=key) == expected
-            for record in sample(future.truth["handles"], 6):
-                assert future.json(f"handle lookup {record['pid']} {record['handle']:#x} --json") == [record]
-    finally:
-        future.gdb.console("thread 1")
+    check_every_vcpu(future, lookups=6)                     # kpti: the user-mode vCPU selected too
     processes = future.json("handle ps --json")
     assert [(p["pid"], p["name"], p["handle_table"]) for p in processes] == \
         [(p["pid"], p["name"], p["handle_table"]) for p in future.truth["processes"]]

@@ -33,7 +33,34 @@ class _SettingsPrefix(gdb.Command):
             gdb.execute(f"help set {PREFIX}")
 
 
-class ProfileParameter(gdb.Parameter):
+class CheckedParameter(gdb.Parameter):
+    """A setting checked when it is set: a value `accept()` refuses is one error line, and the
+    setting keeps the value it had (a wrong path or address never lingers until the next walk)."""
+
+    def __init__(self, name: str, kind: int):
+        super().__init__(f"{PREFIX} {name}", gdb.COMMAND_DATA, kind)
+        self.value = ""
+        self.accepted = ""
+
+    def accept(self, text: str) -> str:
+        """The value to keep for `text`; HandleError says why it is refused."""
+        raise NotImplementedError
+
+    def announce(self, value: str) -> str:
+        """What `set` prints for an accepted value."""
+        raise NotImplementedError
+
+    def get_set_string(self):
+        try:
+            self.value = self.accept(self.value or "")
+        except HandleError as exc:
+            self.value = self.accepted
+            raise gdb.GdbError(str(exc)) from None
+        self.accepted = self.value
+        return self.announce(self.value)
+
+
+class ProfileParameter(CheckedParameter):
     """A volatility3 ISF file (JSON, optionally .xz/.gz) with the layout and symbols of a kernel build
 gdbhandles does not ship. Empty: use the shipped profiles."""
 
@@ -41,22 +68,17 @@ gdbhandles does not ship. Empty: use the shipped profiles."""
     show_doc = "Show the volatility3 ISF profile file."
 
     def __init__(self):
-        super().__init__(f"{PREFIX} profile", gdb.COMMAND_DATA, gdb.PARAM_OPTIONAL_FILENAME)
-        self.value = ""
-        self.accepted = ""
+        super().__init__("profile", gdb.PARAM_OPTIONAL_FILENAME)
 
-    def get_set_string(self):
-        if self.value and not os.path.isfile(self.value):
-            missing, self.value = self.value, self.accepted
-            raise gdb.GdbError(f"no such file: {missing}")
-        if self.value:
-            try:
-                layouts.read_isf(self.value)        # a file that is no ISF is refused now, not at the next walk
-            except HandleError as exc:
-                self.value = self.accepted
-                raise gdb.GdbError(str(exc)) from None
-        self.accepted = self.value
-        return f"gdbhandles will use {self.value}" if self.value else "gdbhandles will use its shipped profiles"
+    def accept(self, text: str) -> str:
+        if text and not os.path.isfile(text):
+            raise HandleError(f"no such file: {text}")
+        if text:
+            layouts.read_isf(text)        # a file that is no ISF is refused now, not at the next walk
+        return text
+
+    def announce(self, value: str) -> str:
+        return f"gdbhandles will use {value}" if value else "gdbhandles will use its shipped profiles"
 
     def get_show_string(self, svalue):
         return f"ISF profile: {svalue or '(none: shipped profiles)'}"
@@ -82,30 +104,28 @@ and live data, shipped layouts ignored)."""
         return f"Layout: {svalue}"
 
 
-class AddressParameter(gdb.Parameter):
+class AddressParameter(CheckedParameter):
     """An address that replaces one discovery step (subclasses name it); empty: discover it."""
 
     name = ""
     what = ""
 
     def __init__(self):
-        super().__init__(f"{PREFIX} {self.name}", gdb.COMMAND_DATA, gdb.PARAM_STRING)
-        self.value = ""
-        self.accepted = ""
+        super().__init__(self.name, gdb.PARAM_STRING)
 
-    def get_set_string(self):
-        text = (self.value or "").strip()
+    def accept(self, text: str) -> str:
+        text = text.strip()
         if text:
             try:
                 address = commandspec.number(text)
             except argparse.ArgumentTypeError as exc:
-                self.value = self.accepted
-                raise gdb.GdbError(f"{PREFIX} {self.name}: {exc}") from None
+                raise HandleError(f"{PREFIX} {self.name}: {exc}") from None
             if address & 0xFFF:
-                self.value = self.accepted
-                raise gdb.GdbError(f"{PREFIX} {self.name}: {address:#x} is not page-aligned (it must end in 000)")
-        self.value = self.accepted = text
-        return f"{self.what}: {text}" if text else f"{self.what}: discovered"
+                raise HandleError(f"{PREFIX} {self.name}: {address:#x} is not page-aligned (it must end in 000)")
+        return text
+
+    def announce(self, value: str) -> str:
+        return f"{self.what}: {value}" if value else f"{self.what}: discovered"
 
     def get_show_string(self, svalue):
         return f"{self.what}: {svalue or '(discovered)'}"

@@ -195,18 +195,25 @@ def default(pop: Population, *, extra_explorer: int = 300) -> list:
 
 def big(pop: Population) -> list:
     """>= 200 processes and >= 50,000 handles."""
-    procs = default(pop)
+    return more_processes(pop, default(pop), 200, (120, 420))
+
+
+def more_processes(pop: Population, procs: list, count: int, handles: tuple[int, int],
+                   spread_every: int = 0) -> list:
+    """`procs` and `count` more processes of BIG_NAMES above pid 5000, each with randrange(*handles)
+    handles, every 7th holding handles of 5 others, every `spread_every`th a level-2 table."""
     rng = pop.rng
     pid = 5000
-    for i in range(200):
+    for i in range(count):
         pid = pop.w.pb.new_id(pid + 4 * rng.randrange(2, 40))
         pop.w.pb.ids.discard(pid)
-        name = rng.choice(BIG_NAMES)
-        p = pop.processes([(name, pid, rng.choice(procs).pid)])[0]
-        pop.mix(p, rng.randrange(120, 420))
+        p = pop.processes([(rng.choice(BIG_NAMES), pid, rng.choice(procs).pid)])[0]
+        pop.mix(p, rng.randrange(*handles))
         if i % 7 == 0:
             pop.cross_handles(p, rng.sample(procs, 5))
         pop.free_some(p, 0.05)
+        if spread_every and i % spread_every == 0:
+            spread_table(pop, p, 4000)
         procs.append(p)
     return procs
 
@@ -235,21 +242,7 @@ def level2(pop: Population) -> list:
 
 def huge(pop: Population) -> list:
     """The scale test: >= 400 processes, >= 250,000 handles, five level-2 tables, 2 GiB of RAM."""
-    procs = default(pop)
-    rng = pop.rng
-    pid = 5000
-    for i in range(410):
-        pid = pop.w.pb.new_id(pid + 4 * rng.randrange(2, 40))
-        pop.w.pb.ids.discard(pid)
-        p = pop.processes([(rng.choice(BIG_NAMES), pid, rng.choice(procs).pid)])[0]
-        pop.mix(p, rng.randrange(520, 820))
-        if i % 7 == 0:
-            pop.cross_handles(p, rng.sample(procs, 5))
-        pop.free_some(p, 0.05)
-        if i % 100 == 0:
-            spread_table(pop, p, 4000)
-        procs.append(p)
-    return procs
+    return more_processes(pop, default(pop), 410, (520, 820), spread_every=100)
 
 
 def churn(pop: Population) -> list:
