@@ -1,4 +1,4 @@
-"""QEMU's monitor (QMP): run state, pause/resume (also the hold gdb does not see), RAM dumps, snapshots.
+"""QEMU's monitor (QMP): run state, pause/resume, RAM dumps, snapshots.
 
 A small synchronous client on a plain socket, so that every step has a time limit and a
 Ctrl-C leaves nothing behind (qemu.qmp's asyncio loop had neither: a silent peer blocked for
@@ -13,7 +13,6 @@ that queue is full, connect() fails with EAGAIN. Both read as "busy with another
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -29,7 +28,6 @@ JOB_TIMEOUT = 60.0             # seconds for a snapshot job
 MAX_MESSAGE = 16 << 20         # no QMP answer we ask for is this long
 STALE_EVENTS = 64              # events of an earlier client skipped before the greeting
 LOW_RAM_LIMIT = 0xB0000000     # the pc machine puts RAM above this beyond 4 GiB
-HOLD_FD = "gdbhandles-hold"    # the name QEMU gives the hold's pipe (getfd)
 
 
 class QmpError(HandleError):
@@ -213,50 +211,20 @@ class Qmp:
     def cont(self) -> None:
         self.execute("cont")
 
-    def wait_event(self, name: str, timeout: float | None = None) -> dict:
-        """The first event `name` seen since self.events was last cleared, waited for if need be."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, event in enumerate(self.events):
-                if event.get("event") == name:
-                    del self.events[:i + 1]
-                    return event
+    def wait_event(self, name: str) -> None:
+        """Wait (as long as for an answer) for event `name`, unless seen since self.events was cleared."""
+        deadline = time.monotonic() + self.timeout
+        while not any(event.get("event") == name for event in self.events):
             try:
                 message = self._message(deadline, name)
             except _Silent:
-                raise QmpError(f"QMP: no {name} event from QEMU within {timeout:g} s") from None
+                raise QmpError(f"QMP: no {name} event from QEMU within {self.timeout:g} s") from None
             if isinstance(message, dict) and "event" in message:
                 self.events.append(message)
 
-    @property
-    def can_hold(self) -> bool:
-        return self.sock is not None and self.sock.family == socket.AF_UNIX
-
-    @contextlib.contextmanager
-    def held(self):
-        """The running VM paused for the block and resumed after (also on error, Ctrl-C, or when
-        this process dies), in a run state QEMU's gdbstub does not report: an attached gdb that
-        believes the target runs sees no stop (a QMP `stop` would make it print a SIGINT stop
-        after our command). How: a detached `dump-guest-memory` into a pipe nobody reads stops
-        the VM in `save-vm` until its write fails; closing our end of the pipe makes it fail, and
-        QEMU resumes the VM. Unix sockets only (can_hold): the pipe is passed with SCM_RIGHTS."""
-        reader, writer = os.pipe()
-        try:
-            try:
-                self._command("getfd", {"fdname": HOLD_FD}, self.timeout, fd=writer)
-            finally:
-                os.close(writer)
-            self.execute("dump-guest-memory", paging=False, protocol=f"fd:{HOLD_FD}", detach=True)
-            self.events.clear()          # a RESUME from now on is the end of this hold
-            yield
-            if self.status() != "save-vm":
-                raise QmpError("the VM ran while it was read (QEMU ended the hold early); read it again")
-        except BaseException:
-            os.close(reader)
-            raise
-        os.close(reader)                 # the dump's next write fails: QEMU resumes the VM
-        self.wait_event("RESUME")
+    def pass_fd(self, name: str, fd: int) -> None:
+        """Give QEMU a copy of `fd` under `name` (QMP getfd; SCM_RIGHTS: a unix socket only)."""
+        self._command("getfd", {"fdname": name}, self.timeout, fd=fd)
 
     def ram_size(self) -> int:
         return self.execute("query-memory-size-summary")["base-memory"]

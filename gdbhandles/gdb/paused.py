@@ -5,7 +5,7 @@ the target runs, QEMU sends gdb a stop reply and gdb reports a SIGINT stop. A QM
 behind gdb's back is not: gdb's next packet would stall 2 s and leave the two out of step. So
 whenever gdb is attached, resuming goes through gdb (`continue &`); QMP `cont` is only used
 when no gdb target is connected. A VM that was already paused stays paused. Auto-pause avoids
-both where it can: QMP's hold (qmp.py) pauses in a run state the gdbstub does not report, and
+both where it can: QMP's hold (hold.py) pauses in a run state the gdbstub does not report, and
 QEMU itself resumes the VM when the hold ends, so gdb never sees a stop.
 """
 
@@ -17,7 +17,7 @@ import shutil
 
 import gdb
 
-from gdbhandles.automation import private
+from gdbhandles.automation import hold, private
 from gdbhandles.automation.guardian import DUMP_PREFIX, Guardian
 from gdbhandles.automation.qmp import LOW_RAM_LIMIT, Qmp, QmpError
 from gdbhandles.gdb import settings
@@ -122,7 +122,7 @@ def ram_dump(q: Qmp):
 def paused_vm():
     """The VM paused for the time of the block (yields the QMP connection) and resumed after
     (also on error or Ctrl-C) unless it was paused before. Over a unix socket the pause is QMP's
-    hold (qmp.py), which gdb does not see: the command's output is all it prints. Over TCP it is
+    hold (hold.py), which gdb does not see: the command's output is all it prints. Over TCP it is
     a QMP `stop`, which gdb reports as a SIGINT stop after the command, resumed through gdb."""
     q = monitor()
     guardian = None
@@ -131,8 +131,8 @@ def paused_vm():
             yield q
             return
         guardian = Guardian(q.address)       # resumes the VM if gdb dies before the finally below
-        if q.can_hold:
-            with q.held():
+        if hold.can_hold(q):
+            with hold.held(q):
                 yield q
             guardian.done()
             return
