@@ -311,3 +311,34 @@ def test_current_thread_from_ke_get_current_thread_when_ps_get_current_process_i
     vcpu = truth["vcpus"][0]
     assert windows.lookup(vcpu["pid"], -1).object == next(p["eprocess"] for p in truth["processes"]
                                                           if p["pid"] == vcpu["pid"])
+
+
+def test_directory_table_base_from_shipped_layouts_when_no_code_writes_cr3(guest, tmp_path):
+    directory, truth = guest("future")
+    dump = directory / "memory.raw"
+    kernel = Windows.open(DumpFile(dump)).kernel
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    attach = space.translate(kernel.base + kernel.image.exports["KeStackAttachProcess"])
+    windows = Windows.open(DumpFile(patched_copy(dump, tmp_path / "noattach.raw", {attach: b"\xC3"})))
+    info = windows.info()
+    how = info.inferred["_EPROCESS.Pcb.DirectoryTableBase"]
+    assert how.startswith(f"0x28: shipped layouts: the same offset in all {len(PROFILES)} profiles; live:"), how
+    assert all(passed for _, passed, _ in info.checks), info.checks
+    check_processes(windows, short_names(truth))
+
+
+def test_a_wrong_current_thread_read_is_caught_by_the_kpcrs(guest, tmp_path):
+    directory, truth = guest("future", scenario="kpti")
+    dump = directory / "memory.raw"
+    kernel = Windows.open(DumpFile(dump)).kernel
+    space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
+    at = kernel.base + kernel.image.exports["PsGetCurrentProcess"]
+    assert space.read(at, 9) == bytes.fromhex("65488b042588010000")      # mov rax, gs:[188h]
+    copy = patched_copy(dump, tmp_path / "wrongcurrent.raw", {space.translate(at + 5): b"\x90"})   # gs:[190h]
+    windows = Windows.open(DumpFile(copy), vcpu_registers(truth))
+    info = windows.info()
+    [check] = [c for c in info.checks if c[0].startswith("_KPCR.Prcb.CurrentThread")]
+    assert not check[1] and check[2].startswith("0x190 (code: PsGetCurrentProcess") and "vs 0x188 (live:" in check[2]
+    assert info.inferred["_KPCR.Prcb.CurrentThread"].startswith("0x188: live:")
+    for index, vcpu in enumerate(truth["vcpus"]):
+        assert windows.lookup(vcpu["pid"], -2, vcpu=index).object == vcpu["thread"]

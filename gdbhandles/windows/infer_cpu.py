@@ -52,9 +52,9 @@ def _listed(kernel: Kernel) -> list[int]:
     return out
 
 
-def _dtb_live(kernel: Kernel) -> tuple[int, str] | None:
-    """The one KPROCESS slot that, in System and in every listed process, holds a distinct
-    page-table root mapping the kernel image as the kernel's page tables do."""
+def _dtb_live(kernel: Kernel, first: int | None) -> tuple[int, str] | None:
+    """The KPROCESS slot that, in System and in every listed process, holds a distinct page-table
+    root mapping the kernel image as the kernel's page tables do (of several, `first` if it is one)."""
     slot = 8 * ((kernel.base >> 39) & 511)
     want = kernel.phys.read(kernel.space.dtb + slot, 8)
     processes = [kernel.system_process] + [p for p in _listed(kernel) if p != kernel.system_process]
@@ -70,16 +70,17 @@ def _dtb_live(kernel: Kernel) -> tuple[int, str] | None:
              if all(maps(w[i]) for w in words) and len({w[i] & PFN_MASK for w in words}) == len(words)]
     if not found:
         return None
-    return found[0], (f"live: the only slot holding, in System and {len(words) - 1} other processes, distinct "
-                      "page-table roots that map the kernel" if len(found) == 1 else
-                      f"live: first of {len(found)} slots holding page-table roots that map the kernel")
+    return (first if first in found else found[0]), (
+        f"live: the only slot holding, in System and {len(words) - 1} other processes, distinct page-table roots "
+        "that map the kernel" if len(found) == 1 else
+        f"live: one of {len(found)} slots holding, in every process, distinct page-table roots that map the kernel")
 
 
 def check_dtb(kernel: Kernel, layout: InferredLayout) -> None:
     """DirectoryTableBase by its first way (put early: nothing before the process list needs it)
     against the live invariant, once PsActiveProcessHead is known."""
     first = dtb_first_way(kernel)
-    live = _dtb_live(kernel) if kernel.globals.get("PsActiveProcessHead") else None
+    live = _dtb_live(kernel, first[0] if first else None) if kernel.globals.get("PsActiveProcessHead") else None
     if first or live:
         offset, how = agree(kernel, "_EPROCESS.Pcb.DirectoryTableBase", first, live)
         layout.put("_EPROCESS", "Pcb.DirectoryTableBase", offset, 8, how)
@@ -96,8 +97,9 @@ def _current_thread_code(kernel: Kernel, layout: InferredLayout) -> tuple[int, s
     return None
 
 
-def _current_thread_live(kernel: Kernel, registers: list[dict]) -> tuple[int, str] | None:
-    """The KPCR slot that, on every vCPU, points to a thread whose ApcState.Process is listed."""
+def _current_thread_live(kernel: Kernel, registers: list[dict], code: int | None) -> tuple[int, str] | None:
+    """The KPCR slot that, on every vCPU, points to a thread whose ApcState.Process is listed (the
+    idle thread's slot may too: then the code's slot when it is one of them, else the first)."""
     apc = kernel.layout.offset("_KTHREAD", "ApcState.Process")
     listed = set(_listed(kernel)) | {kernel.system_process}
     kpcrs = [k for k in (vcpu_kpcr(r) for r in registers) if k is not None]
@@ -114,8 +116,9 @@ def _current_thread_live(kernel: Kernel, registers: list[dict]) -> tuple[int, st
         found = here if found is None else found & here
     if not found:
         return None
-    return min(found), (f"live: in {len(kpcrs)} vCPU(s)' KPCR, the first of {len(found)} slot(s) pointing to a "
-                        "thread (type 6) whose ApcState.Process is on the process list")
+    chosen = code if code in found else min(found)
+    return chosen, (f"live: in {len(kpcrs)} vCPU(s)' KPCR, {'one' if len(found) > 1 else 'the only one'} of "
+                    f"{len(found)} slot(s) pointing to a thread (type 6) whose ApcState.Process is on the process list")
 
 
 def check_current_thread(kernel: Kernel, layout: InferredLayout, registers: list[dict]) -> None:
@@ -123,7 +126,7 @@ def check_current_thread(kernel: Kernel, layout: InferredLayout, registers: list
     code = _current_thread_code(kernel, layout)
     live = None
     if registers and kernel.globals.get("PsActiveProcessHead") and layout.fields.get(("_KTHREAD", "ApcState.Process")):
-        live = _current_thread_live(kernel, registers)
+        live = _current_thread_live(kernel, registers, code[0] if code else None)
     if code or live:
         offset, how = agree(kernel, "_KPCR.Prcb.CurrentThread", code, live)
         layout.put("_KPCR", "Prcb.CurrentThread", offset, 8, how)
