@@ -22,7 +22,7 @@ from gdbhandles.records import (HandleRecord, InfoRecord, LookupRecord, ProcessR
 from gdbhandles.windows import access, discovery, kernel as kernel_module, validate
 from gdbhandles.processes import ProcessList
 from gdbhandles.windows.cid_table import cid_table
-from gdbhandles.windows.eprocess import Process, read_process
+from gdbhandles.windows.eprocess import Process, fixed_extent, read_process
 from gdbhandles.windows.handle_table import Entry, HandleTable, LookupStatus, Problem
 from gdbhandles.windows.kpcr import KThread, Kpcr, vcpu_kpcr
 from gdbhandles.windows.memory import MASK64, PhysicalMemory
@@ -143,6 +143,9 @@ class Windows:
             if status is not LookupStatus.VALID or entry is None:
                 return None
             body = entry.header                    # a CID entry holds the object body
+            header = body - self.headers.struct.body_offset()
+            address, size = fixed_extent(self.kernel, body)
+            self.kernel.space.prefetch([(header, address + size - header)])      # header and _EPROCESS: one read
             if self.headers.at_body(body).type != "Process" or read_process(self.kernel, body).pid != pid:
                 return None
         except HandleError:
@@ -355,6 +358,7 @@ class Windows:
             if status is LookupStatus.PAST_END:
                 detail += f" (NextHandleNeedingPool {table.next_handle_needing_pool:#x})"
             raise BadHandle(f"handle {value & ~3:#x} of {process.label} {detail}", record)
+        self.names.prefetch_objects([entry.header])        # header, name info and body fields: one read
         try:
             header = self.headers.read(entry.header)
         except HandleError as exc:

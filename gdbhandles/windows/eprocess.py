@@ -83,6 +83,12 @@ def read_process(kernel: Kernel, eprocess: int) -> Process:
                    value["Pcb.DirectoryTableBase"], value["ObjectTable"])
 
 
+def fixed_extent(kernel: Kernel, eprocess: int) -> tuple[int, int]:
+    """(address, size) of what read_process reads, to prefetch it with what lies near."""
+    start, size = EProcess.of(kernel.layout).span(*FIXED)
+    return eprocess + start, size
+
+
 def image_path(kernel: Kernel, process: Process) -> str | None:
     """The NT path of the process's image, None when it has none (System, Registry).
     ProfileError if the layout lacks the audit member; HandleError if memory is unreadable;

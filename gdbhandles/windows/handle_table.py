@@ -293,6 +293,7 @@ class HandleTable:
             if index % LOW_COUNT == 0:
                 return LookupStatus.FIRST_SLOT, None, path
             address = page + ENTRY_SIZE * (index % LOW_COUNT)
+            self.space.prefetch([(page, ENTRY_SIZE * LOW_COUNT)])    # one read: its neighbours come next
             raw = self.space.read(address, ENTRY_SIZE)
             if not any(raw) and not any(self.space.read(page + ENTRY_SIZE, ENTRY_SIZE * (LOW_COUNT - 1))):
                 raise CorruptTable(f"low-level page {page:#x} is all zeros below NextHandleNeedingPool")
