@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from gdbhandles import queries, render, render_queries
 from gdbhandles.errors import HandleError
@@ -30,6 +30,7 @@ __all__ = ["Kind", "Argument", "Command", "Frame", "Output", "COMMANDS", "declar
            "add_arguments", "help_text", "deliver", "write_atomically"]
 
 NUMBER = re.compile(r"-?(0[xX][0-9a-fA-F]+|[0-9]+)")
+WRITE_CHUNK = 1 << 20              # characters encoded and written at a time (--output of a huge walk)
 
 
 class Kind(enum.Enum):
@@ -191,20 +192,26 @@ class Frame:
 
 @dataclass
 class Output:
-    text: str                            # what a person reads (escaped, styled)
-    json: str | None = None
+    """What a command gives; `text` and `json` may be callables, rendered only when delivered
+    (a walk of 280,000 handles would otherwise build both, hundreds of MiB in gdb)."""
+    text: str | Callable[[], str]        # what a person reads (escaped, styled)
+    json: str | Callable[[], str | Iterable[str]] | None = None
     summary: str | None = None           # after the output; goes to stderr when the output is JSON
     records: list = field(default_factory=list)
     note: str | None = None              # before the output (which process was chosen); stderr with JSON
 
 
-def write_atomically(path: str, text: str) -> None:
-    """`path` holds either its old content or all of `text`, never a part (temporary file + rename)."""
+def write_atomically(path: str, text: str | Iterable[str]) -> int:
+    """`path` holds either its old content or all of `text` (a string or its pieces), never a
+    part (temporary file + rename). Returns the characters written."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    written = 0
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+            for piece in _pieces(text):                 # encoded a piece at a time
+                handle.write(piece)
+                written += len(piece)
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -215,24 +222,36 @@ def write_atomically(path: str, text: str) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+    return written
+
+
+def _pieces(text: str | Iterable[str]) -> Iterable[str]:
+    if isinstance(text, str):
+        return (text[start:start + WRITE_CHUNK] for start in range(0, len(text), WRITE_CHUNK))
+    return text
 
 
 def deliver(output: Output, args: argparse.Namespace, out: Callable[[str], None],
             err: Callable[[str], None]) -> None:
-    """JSON (only JSON) or the text to `out` or to --output FILE; the summary where it pollutes nothing."""
+    """JSON (only JSON) or the text to `out` or to --output FILE; the summary where it pollutes
+    nothing. A body given as pieces (a huge walk's JSON) ends in one newline already, and goes to
+    a file piece by piece."""
     as_json = getattr(args, "json", False) and output.json is not None
-    body = (output.json if as_json else output.text).rstrip("\n") + "\n"
+    body = output.json if as_json else output.text
+    body = body() if callable(body) else body
+    if isinstance(body, str):
+        body = body.rstrip("\n") + "\n"
     if output.note:                  # before the output, where it pollutes nothing
         (err if as_json or getattr(args, "output", None) else out)(output.note + "\n")
     destination = getattr(args, "output", None)
     if destination:
         try:
-            write_atomically(destination, body)
+            written = write_atomically(destination, body)
         except OSError as exc:
             raise HandleError(f"cannot write {destination}: {exc.strerror}") from None
-        err(f"{destination}: {len(body)} bytes written\n")
+        err(f"{destination}: {written} bytes written\n")
     else:
-        out(body)
+        out(body if isinstance(body, str) else "".join(body))
     if output.summary:
         (err if as_json or destination else out)(output.summary + "\n")
 
@@ -280,8 +299,8 @@ def _walk(windows, args, frame: Frame) -> Output:
                                 warn=frame.warn))
     stats = render.stats_since(windows.stats(), before)
     summary = render.walk_summary(records, time.monotonic() - started, stats)
-    return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
-                  summary, records, note)
+    return Output(lambda: render.handles_table(records, frame.width, frame.paint),
+                  lambda: render.handles_json_pieces(records), summary, records, note)
 
 
 def _ps(windows, args, frame: Frame) -> Output:
@@ -330,8 +349,8 @@ def _find(windows, args, frame: Frame) -> Output:
     records = list(windows.walk(None, type=args.type, name=args.name, object=args.object,
                                 progress=frame.progress, warn=frame.warn))
     summary = render_queries.find_summary(records, args.object, args.name, time.monotonic() - started)
-    return Output(render.handles_table(records, frame.width, frame.paint), render.handles_json(records),
-                  summary, records)
+    return Output(lambda: render.handles_table(records, frame.width, frame.paint),
+                  lambda: render.handles_json_pieces(records), summary, records)
 
 
 def _cid(windows, args, frame: Frame) -> Output:

@@ -38,7 +38,7 @@ class ProcessRecord:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class HandleRecord:
     pid: int
     process: str

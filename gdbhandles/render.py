@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from gdbhandles.windows import access
 from gdbhandles.records import HandleRecord, InfoRecord, LookupRecord, ProcessRecord, ReadStats, WalkWarning
@@ -139,7 +139,20 @@ def handles_table(records: list[HandleRecord], width: int | None = None, paint: 
 
 
 def handles_json(records: list[HandleRecord]) -> str:
-    return json.dumps([r.to_json() for r in records], indent=1)
+    """json.dumps(list, indent=1) of the records, and a newline."""
+    return "".join(handles_json_pieces(records))
+
+
+def handles_json_pieces(records: list[HandleRecord]) -> Iterator[str]:
+    """handles_json() one record at a time: no list of dicts, no string as large as the walk."""
+    if not records:
+        yield "[]\n"
+        return
+    yield "[\n"
+    last = len(records) - 1
+    for i, record in enumerate(records):
+        yield " " + json.dumps(record.to_json(), indent=1).replace("\n", "\n ") + (",\n" if i < last else "\n")
+    yield "]\n"
 
 
 def walk_summary(records: list[HandleRecord], seconds: float, stats) -> str:

@@ -35,6 +35,9 @@ class SparseSpace:
     def u64(self, va):
         return struct.unpack("<Q", self.read(va, 8))[0]
 
+    def prefetch(self, ranges, fine=False):
+        """Nothing to cache: every read is local (AddressSpace.prefetch only saves round trips)."""
+
 
 def kernel_for(build):
     layout = layouts.for_build(build)

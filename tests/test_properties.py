@@ -48,6 +48,9 @@ class PageSpace:
             va, size = va + n, size - n
         return bytes(out)
 
+    def prefetch(self, ranges, fine: bool = False) -> None:
+        """Nothing to cache: every read is local (AddressSpace.prefetch only saves round trips)."""
+
     def u64(self, va: int) -> int:
         return struct.unpack("<Q", self.read(va, 8))[0]
 

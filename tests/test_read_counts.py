@@ -1,6 +1,6 @@
 """How many backend reads the common questions cost (counts, never times): a cold lookup with the
-vCPU registers a live gdb has, a warm lookup, and `ps`, which takes each table's handle count
-from Windows (HandleCount) instead of walking the tables."""
+vCPU registers a live gdb has, warm lookups, `ps`, which takes each table's handle count
+from Windows (HandleCount) instead of walking the tables, and the caches' bounds in a huge walk."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import random
 import pytest
 
 from gdbhandles.engine import Windows
-from gdbhandles.windows.memory import DumpFile
+from gdbhandles.windows.memory import LINE, MAX_LINES, DumpFile
+from gdbhandles.windows.object_header import MAX_DECODED
 
 
 def registers(truth: dict) -> list[dict]:
@@ -90,3 +91,20 @@ def test_warm_lookups_on_a_read_table_page_read_at_most_2(built_guest):
                 costs.append(windows.stats().round_trips - before)
     assert len(costs) > 40 and max(costs) <= 3, costs
     assert sum(cost <= 2 for cost in costs) >= 0.9 * len(costs), costs
+
+
+def test_huge_walk_keeps_its_caches_bounded(built_guest):
+    """A walk reading more than the line cache holds (the `huge` guest: 420 processes, 280,000
+    handles) keeps every per-stop cache within its bound at every record, and still lists every
+    handle: memory in gdb stays flat however large the guest."""
+    directory = built_guest("19041", "huge")
+    truth = json.loads((directory / "truth.json").read_text())
+    windows = Windows.open(DumpFile(directory / "memory.raw"), registers=registers(truth))
+    phys, largest, seen = windows.kernel.phys, [0, 0, 0], []
+    for record in windows.walk():
+        seen.append((record.pid, record.handle, record.object))
+        sizes = (len(phys.lines), len(windows.headers.decoded), len(windows.names.decoded))
+        largest = [max(a, b) for a, b in zip(largest, sizes)]
+    assert phys.stats.bytes > 2 * MAX_LINES * LINE, phys.stats           # the bound was met, more than once
+    assert largest[0] <= MAX_LINES and max(largest[1:]) <= MAX_DECODED, largest
+    assert sorted(seen) == sorted((r["pid"], r["handle"], r["object"]) for r in truth["handles"])

@@ -33,7 +33,7 @@ PFN_MASK = 0x000F_FFFF_FFFF_F000
 MASK64 = (1 << 64) - 1      # a 64-bit register or pointer, the one definition
 MAX_RUN = 0x10000          # bytes per backend read when gathering lines
 MERGE_GAP = 1              # lines: reading one unneeded line is cheaper than a round trip
-MAX_LINES = 1 << 17        # 64 MiB of cached lines, then start afresh
+MAX_LINES = 1 << 15        # 16 MiB of cached lines (a big walk reads 13), then start afresh
 PRESENT, LARGE, PROTOTYPE, TRANSITION = 1, 0x80, 1 << 10, 1 << 11
 
 

@@ -16,7 +16,7 @@ from gdbhandles.errors import CorruptTable, DamagedChain, HandleError
 from gdbhandles.windows.ethread import EThread
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.kernel import Kernel
-from gdbhandles.windows.object_header import NAME_INFO_BIT, Header, Headers, ObjectHeaderNameInfo
+from gdbhandles.windows.object_header import MAX_DECODED, NAME_INFO_BIT, Header, Headers, ObjectHeaderNameInfo
 from gdbhandles.windows.registry_key import key_path
 from gdbhandles.windows.unicode_string import UnicodeString
 
@@ -72,6 +72,8 @@ class Names:
         """The object's name; HandleError if unreadable, ProfileError if the layout lacks a member."""
         found = self.decoded.get(header.header, self)
         if found is self:
+            if len(self.decoded) >= MAX_DECODED:         # bounded like the line cache: start afresh
+                self.decoded.clear()
             found = self.decoded[header.header] = self._decode(header)
         return found
 

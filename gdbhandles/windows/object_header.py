@@ -18,10 +18,11 @@ from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.structure import Struct
 from gdbhandles.windows.unicode_string import UnicodeString
 
-__all__ = ["NAME_INFO_BIT", "ObjectHeader", "ObjectHeaderNameInfo", "ObjectType", "Header", "Headers"]
+__all__ = ["MAX_DECODED", "NAME_INFO_BIT", "ObjectHeader", "ObjectHeaderNameInfo", "ObjectType", "Header", "Headers"]
 
 NAME_INFO_BIT = 0x02
 TYPE_SLOTS = 256             # ObTypeIndexTable: at most 256 types
+MAX_DECODED = 1 << 16        # objects whose header (and name) is kept decoded, then start afresh
 
 
 class ObjectHeader(Struct):
@@ -143,6 +144,8 @@ class Headers:
         A TypeIndex outside ObTypeIndexTable gives type None and a `problem`."""
         known = self.decoded.get(header)
         if known is None:
+            if len(self.decoded) >= MAX_DECODED:         # bounded like the line cache: start afresh
+                self.decoded.clear()
             known = self.decoded[header] = self._decode(header)
         return known
 
