@@ -1,8 +1,9 @@
 """The benchmark: one run, side by side for the `big` and `huge` test guests.
 
 For each guest, on the same memory: volatility3 `windows.handles` on a QMP pmemsave, the
-offline engine on that pmemsave (with its cProfile top lines), the live walk through the
-gdbstub, through the local fast path and auto-paused, the raw-stub floor (benchmarks/rsp_floor.py),
+offline engine on that pmemsave (wall and CPU time, the line cache's peak against its bound,
+and its cProfile top lines), the live walk through the gdbstub (handles/s and gdb's memory
+growth during it), through the local fast path and auto-paused, the raw-stub floor (benchmarks/rsp_floor.py),
 the bytes and reads of a filtered walk (--type Process), and lookup times cold (a fresh gdb)
 and warm. Times are ratios to volatility3 (how many times faster) and to the floor (how
 many floors). Timings are printed, never asserted.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import json
 import os
@@ -36,6 +38,7 @@ from boot import booted  # noqa: E402
 from gdbhandles.automation.mi import Gdb  # noqa: E402
 from gdbhandles.automation.qmp import Qmp  # noqa: E402
 from gdbhandles.engine import Windows  # noqa: E402
+from gdbhandles.windows import memory  # noqa: E402
 from gdbhandles.windows.memory import DumpFile  # noqa: E402
 from winguest.cache import guest as cached_guest  # noqa: E402
 
@@ -51,21 +54,30 @@ end
 
 
 def offline(dump: Path) -> dict:
-    """The engine alone on the dump: open + full walk, then the same under cProfile."""
-    started = time.perf_counter()
+    """The engine alone on the dump: open + full walk (wall and CPU time, the largest the line
+    cache grew), then the same under cProfile. The collector is off while profiling: CPython
+    3.11.2 can crash collecting under a profiler (python/cpython#101975, fixed in 3.11.3)."""
+    started, cpu = time.perf_counter(), time.process_time()
     windows = Windows.open(DumpFile(dump))
-    handles = sum(1 for _ in windows.walk())
-    seconds = time.perf_counter() - started
+    phys, handles, lines = windows.kernel.phys, 0, 0
+    for _ in windows.walk():
+        handles, lines = handles + 1, max(lines, len(phys.lines))
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     stats = windows.info().stats
     profile = cProfile.Profile()
-    profile.enable()
-    sum(1 for _ in Windows.open(DumpFile(dump)).walk())
-    profile.disable()
+    gc.disable()
+    try:
+        profile.enable()
+        sum(1 for _ in Windows.open(DumpFile(dump)).walk())
+        profile.disable()
+    finally:
+        gc.enable()
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
     top = [line for line in text.getvalue().splitlines() if line.strip()][-13:]
-    return {"seconds": seconds, "handles": handles, "reads": stats.round_trips, "bytes": stats.bytes,
-            "profile": top}
+    return {"seconds": seconds, "cpu_s": cpu, "handles": handles, "handles_per_cpu_s": handles / cpu,
+            "reads": stats.round_trips, "bytes": stats.bytes, "line_cache_peak": lines,
+            "line_cache_bound": memory.MAX_LINES, "profile": top}
 
 
 def volatility(dump: Path, symbols: Path, work: Path, cap: float) -> dict:
@@ -113,13 +125,28 @@ class Live:
         self.gdb.cont()
         self.gdb.interrupt()
 
+    def memory(self) -> dict:
+        """gdb's resident MiB now and at its peak (VmHWM, reset by reset_peak)."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.gdb.pid}/status").read_text().splitlines())
+        return {key: int(status[name].split()[0]) / 1024 for key, name in (("rss", "VmRSS"), ("peak", "VmHWM"))}
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.gdb.pid}/clear_refs").write_text("5")      # VmHWM := VmRSS
+
     def walk(self, fast_path: str, extra: str = "") -> dict:
+        """One walk after the guest ran; gdb's memory growth during it (peak and after, in MiB)."""
         self.gdb.console(f"set handle fast-path {fast_path}")
         self.ran()
+        self.reset_peak()
+        before = self.memory()
         seconds = self.timed(f"handle walk all --json --output {self.out}{extra}")
+        after = self.memory()
         stats = self.stats()
         handles = len(json.loads(Path(self.out).read_text()))
-        return {"seconds": seconds, "handles": handles, "reads": stats["round_trips"], "bytes": stats["bytes"]}
+        return {"seconds": seconds, "handles": handles, "handles_per_s": handles / seconds,
+                "reads": stats["round_trips"], "bytes": stats["bytes"], "gdb_rss_before_mib": before["rss"],
+                "gdb_peak_growth_mib": after["peak"] - before["rss"],
+                "gdb_rss_growth_mib": after["rss"] - before["rss"]}
 
     def auto_paused(self, qmp: str) -> dict:
         self.gdb.console(f"set handle qmp {qmp}")
@@ -139,6 +166,17 @@ class Live:
             before = self.stats()["round_trips"]
             times.append(self.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
             reads.append(self.stats()["round_trips"] - before)
+        return {"times": times, "reads": reads}
+
+    def same_page(self, groups: list[list[dict]]) -> dict:
+        """Warm lookups of handles on a table page an earlier lookup read (the first of each group)."""
+        times, reads = [], []
+        for first, *rest in groups:
+            self.timed(f"handle lookup {first['pid']} {first['handle']:#x}")
+            for record in rest:
+                before = self.stats()["round_trips"]
+                times.append(self.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
+                reads.append(self.stats()["round_trips"] - before)
         return {"times": times, "reads": reads}
 
     def close(self) -> None:
@@ -168,6 +206,11 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
     truth = json.loads((directory / "truth.json").read_text())
     ram = json.loads((directory / "guest.json").read_text())["ram_mib"] << 20
     sample = random.Random(7).sample(truth["handles"], lookups)
+    pages: dict = {}
+    for record in truth["handles"]:
+        pages.setdefault((record["pid"], record["handle"] // 1024), []).append(record)
+    chosen = random.Random(7).sample(sorted(k for k, v in pages.items() if len(v) >= 6), 10)
+    same_page = [pages[key][:6] for key in chosen]       # a lookup, then five more on its table page
     result = {"scenario": name, "processes": len(truth["processes"]), "truth_handles": len(truth["handles"])}
     with tempfile.TemporaryDirectory(prefix="gh-bench-") as tmp, booted(directory) as vm:
         work = Path(tmp)
@@ -189,6 +232,7 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
             result["fast"] = live.walk("on")
             result["filtered"] = live.walk("off", " --type Process")
             result["warm"] = live.lookups(sample)
+            result["warm_page"] = live.same_page(same_page)
             result["auto_paused"] = live.auto_paused(vm.qmp)
         finally:
             live.close()
@@ -217,12 +261,21 @@ def report(results: list[dict]) -> str:
                                       f"{r['floor_measured']['bulk_s']:.2f} s" for r in results])
     row("handles: vol / offline / stub / fast", [f"{r['volatility3']['handles']} / {r['offline']['handles']} / "
                                                   f"{r['stub']['handles']} / {r['fast']['handles']}" for r in results])
+    row("offline engine CPU, handles/s", [f"{r['offline']['cpu_s']:.2f} s, {r['offline']['handles_per_cpu_s']:,.0f}/s"
+                                          for r in results])
+    row("fast path handles/s", [f"{r['fast']['handles_per_s']:,.0f}/s" for r in results])
+    row("gdb growth in walk: peak, after", [f"{r['fast']['gdb_peak_growth_mib']:.0f}, "
+                                            f"{r['fast']['gdb_rss_growth_mib']:.0f} MiB (fast); "
+                                            f"{r['stub']['gdb_peak_growth_mib']:.0f} (stub)" for r in results])
+    row("line cache peak / bound (lines)", [f"{r['offline']['line_cache_peak']} / {r['offline']['line_cache_bound']}"
+                                            for r in results])
     row("full walk reads, MiB", [f"{r['stub']['reads']} reads, {r['stub']['bytes'] / 2**20:.1f} MiB" for r in results])
     row("--type Process reads, MiB", [f"{r['filtered']['reads']} reads, {r['filtered']['bytes'] / 2**20:.1f} MiB "
                                       f"({r['filtered']['bytes'] / r['stub']['bytes']:.0%})" for r in results])
-    for kind in ("cold", "warm"):
-        row(f"lookup {kind} p50/p99, reads", [f"{p['p50_ms']:.1f}/{p['p99_ms']:.1f} ms, {max(r[kind]['reads'])} max"
-                                              for r in results for p in [percentiles(r[kind]["times"])]])
+    for kind, label in (("cold", "cold"), ("warm", "warm"), ("warm_page", "warm, same page")):
+        row(f"lookup {label} p50/p99, reads", [f"{p['p50_ms']:.1f}/{p['p99_ms']:.1f} ms, reads "
+                                               f"{statistics.median(r[kind]['reads']):.0f} med {max(r[kind]['reads'])} max"
+                                               for r in results for p in [percentiles(r[kind]["times"])]])
     for r in results:
         lines += ["", f"offline engine profile ({r['scenario']}, by own time):", *r["offline"]["profile"]]
     return "\n".join(lines)
@@ -240,7 +293,7 @@ def main() -> None:
     results = []
     for name in args.scenarios:               # each guest's figures as soon as they are known
         result = scenario(name, args.lookups, args.cold, args.volatility_cap)
-        for kind in ("cold", "warm"):
+        for kind in ("cold", "warm", "warm_page"):
             result[kind].update(percentiles(result[kind]["times"]))
         results.append(result)
         print(report([result]), flush=True)
@@ -248,6 +301,12 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1) + "\n")
     if len(results) > 1:
         print(report(results))
+        first, *rest = results
+        for other in rest:            # scale: handles per second relative to the first guest
+            print(f"{other['scenario']} / {first['scenario']} handles/s: offline "
+                  f"{other['offline']['handles_per_cpu_s'] / first['offline']['handles_per_cpu_s']:.2f}, fast path "
+                  f"{other['fast']['handles_per_s'] / first['fast']['handles_per_s']:.2f}, stub "
+                  f"{other['stub']['handles_per_s'] / first['stub']['handles_per_s']:.2f}")
 
 
 if __name__ == "__main__":
