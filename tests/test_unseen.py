@@ -342,3 +342,16 @@ def test_a_wrong_current_thread_read_is_caught_by_the_kpcrs(guest, tmp_path):
     assert info.inferred["_KPCR.Prcb.CurrentThread"].startswith("0x188: live:")
     for index, vcpu in enumerate(truth["vcpus"]):
         assert windows.lookup(vcpu["pid"], -2, vcpu=index).object == vcpu["thread"]
+
+
+@pytest.mark.parametrize("kind", ["process-loop", "process-dangling"])
+def test_inference_survives_a_damaged_process_list(guest, kind):
+    directory, truth = guest("19041", corrupt=(kind,))
+    windows = Windows.open(DumpFile(directory / "memory.raw"), vcpu_registers(truth), layout="infer")
+    info = windows.info()
+    failed = [name for name, passed, _ in info.checks if not passed]
+    assert any(name.startswith("process list") for name in failed), info.checks
+    assert not [name for name in failed if "agree" in name], info.checks      # both ways still agree
+    assert "live:" in info.inferred["_EPROCESS.Pcb.DirectoryTableBase"]
+    assert "live:" in info.inferred["_KPCR.Prcb.CurrentThread"]
+    assert list(windows.walk())

@@ -42,13 +42,30 @@ def dtb_first_way(kernel: Kernel) -> tuple[int, str] | None:
 
 
 def _listed(kernel: Kernel) -> list[int]:
-    """The EPROCESS addresses on PsActiveProcessHead (at most MAX_PROCESSES)."""
+    """The EPROCESS addresses on PsActiveProcessHead (at most MAX_PROCESSES; up to a broken link:
+    the process list check says where)."""
     links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
     head = kernel.globals["PsActiveProcessHead"]
-    out, entry = [], kernel.space.u64(head)
-    while entry != head and len(out) < MAX_PROCESSES:
-        out.append(entry - links)
-        entry = kernel.space.u64(entry)
+    out, entry = [], head
+    try:
+        entry = kernel.space.u64(head)
+        while entry != head and entry - links not in out and len(out) < MAX_PROCESSES:
+            out.append(entry - links)
+            entry = kernel.space.u64(entry)
+    except HandleError:
+        if out:
+            out.pop()                   # its link pointed nowhere: not taken for a process
+    return out
+
+
+def _words(kernel: Kernel, addresses: list[int], size: int) -> list[list[int]]:
+    """`size` bytes of each readable structure among `addresses`, as qwords."""
+    out = []
+    for address in addresses:
+        try:
+            out.append(qwords(kernel, address, size))
+        except HandleError:
+            continue
     return out
 
 
@@ -65,7 +82,7 @@ def _dtb_live(kernel: Kernel, first: int | None) -> tuple[int, str] | None:
         except HandleError:
             return False
 
-    words = [qwords(kernel, process, DTB_SCAN) for process in processes]
+    words = _words(kernel, processes, DTB_SCAN)
     found = [8 * i for i in range(DTB_SCAN // 8)
              if all(maps(w[i]) for w in words) and len({w[i] & PFN_MASK for w in words}) == len(words)]
     if not found:
@@ -102,11 +119,11 @@ def _current_thread_live(kernel: Kernel, registers: list[dict], code: int | None
     idle thread's slot may too: then the code's slot when it is one of them, else the first)."""
     apc = kernel.layout.offset("_KTHREAD", "ApcState.Process")
     listed = set(_listed(kernel)) | {kernel.system_process}
-    kpcrs = [k for k in (vcpu_kpcr(r) for r in registers) if k is not None]
+    kpcrs = _words(kernel, [k for k in (vcpu_kpcr(r) for r in registers) if k is not None], KPCR_SCAN)
     found = None
-    for kpcr in kpcrs:
+    for words in kpcrs:
         here = set()
-        for i, value in enumerate(qwords(kernel, kpcr, KPCR_SCAN)):
+        for i, value in enumerate(words):
             try:
                 if value >> 47 == 0x1FFFF and kernel.space.u8(value) == THREAD_OBJECT \
                         and kernel.space.u64(value + apc) in listed:
