@@ -84,7 +84,8 @@ def stats_since(now: ReadStats, before: ReadStats) -> ReadStats:
 
 def _fit(widths: list[int], shrink: list[tuple[int, int]], width: int | None) -> list[int]:
     """Column widths within `width` (gaps included): shrink the columns of `shrink`, in order, to
-    their minimum widths until the row fits."""
+    their minimum widths until the row fits; a column already narrower than its minimum keeps its
+    width (widening it would take the room from the columns cut next)."""
     widths = list(widths)
     if width is None:
         return widths
@@ -92,7 +93,7 @@ def _fit(widths: list[int], shrink: list[tuple[int, int]], width: int | None) ->
         over = sum(widths) + len(GAP) * (len(widths) - 1) - width
         if over <= 0:
             break
-        widths[column] = max(minimum, widths[column] - over)
+        widths[column] = min(widths[column], max(minimum, widths[column] - over))
     return widths
 
 

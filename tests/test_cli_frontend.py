@@ -114,6 +114,19 @@ def test_tables_fit_narrow_terminals(guest):
     assert longest in wide and longest not in render.handles_table(records, 80)
 
 
+def test_narrow_tables_widen_no_column(guest):
+    """Shrinking to fit never pads a column past its content: at 80 columns one process's File
+    handles have a Type column as wide as "File", and the Name column gets the room left."""
+    directory, truth = guest
+    from gdbhandles.engine import Windows
+    from gdbhandles.windows.memory import DumpFile
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    lsass = next(p["pid"] for p in truth["processes"] if p["name"] == "lsass.exe")
+    lines = render.handles_table(list(windows.walk(lsass, type="File")), 80).splitlines()
+    assert lines[0].split() == ["Handle", "Object", "Type", "Access", "Attributes", "Name"]
+    assert "  Type  Access" in lines[0] and max(map(len, lines)) == 80, lines[:3]
+
+
 def on_terminal(*args, columns=80, env=None) -> str:
     """The CLI with its stdout on a pty of `columns` columns (as a user's terminal)."""
     import fcntl
