@@ -122,7 +122,7 @@ def test_run_text_commands_closed_pipe_and_a_snapshot_required(tmp_path):
     assert run.returncode == 0, run.stderr
     status, paused, processes = json.loads(run.stdout)
     assert status == "QEMU: prelaunch; gdb: stopped", status      # -S -loadvm: paused before it ran
-    assert paused.startswith("VM "), paused
+    assert paused == "VM not running (QEMU status: prelaunch)", paused
     assert [p["pid"] for p in processes] == [p["pid"] for p in truth["processes"]]
     unknown = gdbhandles("run", "--qemu", base, "--snapshot", "base", "--", "frobnicate")
     assert unknown.returncode == 2 and "frobnicate: not a handle command" in unknown.stderr

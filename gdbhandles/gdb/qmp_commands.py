@@ -18,7 +18,8 @@ def pause(args) -> None:
             else:
                 emit("VM paused")
         else:
-            emit(f"VM already {q.status()}")
+            status = q.status()
+            emit("VM already paused" if status == "paused" else f"VM not running (QEMU status: {status})")
 
 
 @body("resume")
