@@ -173,11 +173,15 @@ class Windows:
                              level, bound, count, process.image_file_name, process.image_path, problems)
 
     def _handle_count(self, process: Process, table: HandleTable) -> tuple[int, list[str]]:
-        """(count, damage met): Windows' own count (one read of the table header); the table
-        counted entry by entry (bounded like a walk, its damage said), with a note saying so,
-        when the layout has no counter or the counter is implausible. A NextHandleNeedingPool
-        past what the table holds is said either way."""
-        problems = [table.bound_problem] if table.bound_problem else []
+        """(count, damage met): Windows' own count (one read of the table header) when the
+        table's pages look sound (HandleTable.page_problems: a few reads); else the table
+        counted entry by entry (bounded like a walk, its damage said), so that the count is
+        what a walk lists. Counted too, with a note saying so, when the layout has no counter
+        or the counter is implausible."""
+        problems = [p.message for p in table.page_problems()]
+        if problems:
+            count, found = table.census()
+            return count, [p.message for p in found]
         try:
             count = table.kernel_count()
         except CorruptTable as exc:
@@ -190,9 +194,9 @@ class Windows:
                 if note not in self.warnings:
                     self.warnings.append(note)
         if count is not None:
-            return count, problems
+            return count, []
         count, found = table.census()
-        return count, [p.message for p in found if p.message not in problems] + problems
+        return count, [p.message for p in found]
 
     # --- walk ------------------------------------------------------------------------------
 

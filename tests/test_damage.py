@@ -21,8 +21,11 @@ from gdbhandles.windows.memory import DumpFile
 from winguest.corrupt import KINDS
 
 PROFILES = ("19041", "7601", "22000")
-# damage `ps` sees in the _HANDLE_TABLE itself (it takes counts from Windows' counter, not a walk)
+# damage `ps` sees: in the _HANDLE_TABLE itself, and in its pages (checked before Windows' counter
+# is believed; a damaged table is counted as a walk lists it)
 HEADER_KINDS = {"level3", "bound-past-table", "zero-handle-table"}
+PAGE_KINDS = {"amplify", "zero-table-page", *(f"{level}-{how}" for level in ("low", "mid")
+                                              for how in ("null", "unmapped", "paged", "alias"))}
 
 
 def scenario_of(kind: str) -> str:
@@ -105,8 +108,11 @@ def test_each_kind_of_damage(built_guest, clean_reads, kind):
     # the process list: every process is still found; a table whose header is damaged is marked
     processes = windows.processes()
     assert sorted(p.pid for p in processes) == sorted(p["pid"] for p in truth["processes"])
-    damaged_table = {d["pid"] for d in truth["damage"] if d["kind"] in HEADER_KINDS}
+    damaged_table = {d["pid"] for d in truth["damage"] if d["kind"] in HEADER_KINDS | PAGE_KINDS}
     assert {p.pid for p in processes if p.to_json().get("problems")} == damaged_table
+    for process in processes:            # a damaged table is counted as a walk lists it
+        if process.pid in damaged_table and truth["damage"][0]["kind"] in PAGE_KINDS:
+            assert process.handle_count == sum(h["pid"] == process.pid for h in truth["handles"]), process.pid
 
 
 @pytest.mark.parametrize("profile", PROFILES[1:])
@@ -152,3 +158,27 @@ def test_cli_ps_and_walk_show_the_damage(built_guest):
     count = len([h for h in truth["handles"] if h["pid"] == amplified["pid"]])
     assert row.split()[-1] == str(count)             # counted by distinct pages, not 13 million
     assert any("process list" in text for text in result.stderr.splitlines())
+
+
+def test_cli_ps_says_a_zeroed_table_page_and_counts_what_a_walk_lists(built_guest):
+    """ps believes Windows' HandleCount only when the table's pages look sound: a zeroed low-level
+    page is one warning line naming the page, the JSON record has `problems`, and the count is
+    the handles a walk can list, not Windows' count that includes the lost ones."""
+    directory = built_guest("19041", "default", corrupt=("zero-table-page",))
+    truth = json.loads((directory / "truth.json").read_text())
+    damage = truth["damage"][0]
+    listed = sum(h["pid"] == damage["pid"] for h in truth["handles"])
+    clean = json.loads((built_guest("19041", "default") / "truth.json").read_text())
+    assert sum(h["pid"] == damage["pid"] for h in clean["handles"]) > listed      # handles were lost
+    dump = str(directory / "memory.raw")
+    text = cli("ps", "--dump", dump)
+    assert text.returncode == 0, text.stderr
+    warned = [w for w in text.stderr.splitlines() if all(word in w for word in damage["words"])]
+    assert len(warned) == 1 and "all zeros" in warned[0] and str(damage["pid"]) in warned[0], text.stderr
+    row = next(r for r in text.stdout.splitlines() if r.split()[:1] == [str(damage["pid"])])
+    assert row.split()[-1] == str(listed)
+    result = cli("ps", "--dump", dump, "--json")
+    records = {p["pid"]: p for p in json.loads(result.stdout)}
+    assert records[damage["pid"]]["handle_count"] == listed
+    assert any("all zeros" in problem for problem in records[damage["pid"]]["problems"])
+    assert [pid for pid, p in records.items() if "problems" in p] == [damage["pid"]]

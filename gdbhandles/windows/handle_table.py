@@ -5,7 +5,7 @@ A handle value's low 2 bits are tags and ignored; index = value / 4. Low-level p
 of levels above the entries. Values at or beyond NextHandleNeedingPool do not exist, and
 the first entry of each low-level page is never a handle.
 
-About 330 lines: the entry (_HANDLE_TABLE_ENTRY in its Win7 and Win8+ forms), the table's
+About 360 lines: the entry (_HANDLE_TABLE_ENTRY in its Win7 and Win8+ forms), the table's
 own header and the walk stay together, because iteration, counting and lookup share one
 level arithmetic and one entry decoder.
 """
@@ -222,30 +222,57 @@ class HandleTable:
     def pages(self):
         """Yield, per usable low-level page in range, its Entries (first slot skipped); then
         one list of Problems for the damage met, if any."""
-        damage = TableDamage(self.address)
-        if self.bound_problem:
-            damage.problems.append(Problem(self.bound_problem))
+        damage = self._damage()
         for first, page, path in self.low_pages(damage):
             count = min(LOW_COUNT, self.slots - first)
-            try:
-                raw = self.space.read(page, ENTRY_SIZE * count)
-            except HandleError as exc:
-                if len(path) == 1:
-                    damage.problems.append(Problem(f"handle table {self.address:#x}: its low-level page "
-                                                   f"{page:#x} is unreadable ({exc}): up to {count - 1} handles "
-                                                   "not listed"))
-                else:
-                    damage.note(path[-2].address, "unreadable", page, 1, str(exc))
-                continue
-            if count > 1 and not any(raw[ENTRY_SIZE:]):
-                damage.problems.append(Problem(f"handle table {self.address:#x}: low-level page {page:#x} is "
-                                               f"all zeros below NextHandleNeedingPool: up to {count - 1} "
-                                               "handles not listed", first * HANDLE_STEP))
+            raw = self._low_page(first, page, path, count, damage)
+            if raw is None:
                 continue
             yield self.format.decode_page(raw, first, page)
         problems = damage.report()
         if problems:
             yield problems
+
+    def page_problems(self) -> list[Problem]:
+        """The damage a walk would meet in the table's pages, found without reading them all:
+        the pointer pages, then each low-level page's first handle entry, and the whole page
+        only when that entry is zero (an all-zero page is damage). What `ps` checks."""
+        damage = self._damage()
+        for first, page, path in self.low_pages(damage):
+            count = min(LOW_COUNT, self.slots - first)
+            try:
+                if count > 1 and any(self.space.read(page + ENTRY_SIZE, ENTRY_SIZE)):
+                    continue
+            except HandleError:
+                pass                        # _low_page says so, with the page's place
+            self._low_page(first, page, path, count, damage)
+        return damage.report()
+
+    def _damage(self) -> TableDamage:
+        damage = TableDamage(self.address)
+        if self.bound_problem:
+            damage.problems.append(Problem(self.bound_problem))
+        return damage
+
+    def _low_page(self, first: int, page: int, path: list, count: int, damage: TableDamage) -> bytes | None:
+        """The `count` entries of a low-level page, or None (said in `damage`) if unreadable or
+        all zeros."""
+        try:
+            raw = self.space.read(page, ENTRY_SIZE * count)
+        except HandleError as exc:
+            if len(path) == 1:
+                damage.problems.append(Problem(f"handle table {self.address:#x}: its low-level page "
+                                               f"{page:#x} is unreadable ({exc}): up to {count - 1} handles "
+                                               "not listed"))
+            else:
+                damage.note(path[-2].address, "unreadable", page, 1, str(exc))
+            return None
+        if count > 1 and not any(raw[ENTRY_SIZE:]):
+            damage.problems.append(Problem(f"handle table {self.address:#x}: low-level page {page:#x} is "
+                                           f"all zeros below NextHandleNeedingPool: up to {count - 1} "
+                                           "handles not listed", first * HANDLE_STEP))
+            return None
+        return raw
 
     def entries(self):
         """Every in-range Entry, then the Problems met, in handle order."""
