@@ -1,8 +1,8 @@
 """pytest fixtures for regression suites against VM snapshots (loaded through the `pytest11`
 entry point, so `pip install gdbhandles` is enough).
 
-- `windows_vm`: the user's QEMU command line booted paused at a snapshot, with a private
-  gdbstub on 127.0.0.1 and a 0600 QMP socket, and a real gdb with the extension attached;
+- `windows_vm`: the user's QEMU command line booted paused at a snapshot, with its gdbstub on
+  a unix socket in a 0700 directory and a 0600 QMP socket, and a real gdb with the extension attached;
   stopped when the test ends, also on failure. Command line and snapshot come from the
   fixture's parameter (`@pytest.mark.parametrize("windows_vm", [{"snapshot": "s1"}],
   indirect=True)`), else `--gdbhandles-qemu`/`--gdbhandles-snapshot`, else the ini settings

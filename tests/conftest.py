@@ -21,6 +21,7 @@ class BootedGuest:
     dir: Path
     truth: dict
     port: int
+    gdb: str             # what gdb's `target remote` takes: a unix socket path (the default) or 127.0.0.1:PORT
     qmp: str
     pid: int
 
@@ -42,5 +43,5 @@ def booted_guest():
         def boot(profile="19041", scenario="default", seed=0, guid=None, code_variants=None, **kw) -> BootedGuest:
             d = cached_guest(str(profile), scenario, seed, guid, code_variants=code_variants)
             b = stack.enter_context(booted(d, **kw))
-            return BootedGuest(d, json.loads((d / "truth.json").read_text()), b.port, b.qmp, b.pid)
+            return BootedGuest(d, json.loads((d / "truth.json").read_text()), b.port, b.gdb, b.qmp, b.pid)
         yield boot

@@ -23,13 +23,13 @@ pytestmark = pytest.mark.integration
 class Gdb:
     """Just enough MI to attach, read registers and memory (the gdb layer has the full driver)."""
 
-    def __init__(self, port: int):
+    def __init__(self, target: str):
         self.ctrl = GdbController(["gdb", "-nx", "-q", "--interpreter=mi3"])
         self.ctrl.io_manager.time_to_check_for_additional_output_sec = 0
         self.token = 0
         self.cmd("-gdb-set mi-async on")
         self.cmd("-gdb-set architecture i386:x86-64")
-        self.cmd(f"-target-select remote 127.0.0.1:{port}", timeout=20)
+        self.cmd(f"-target-select remote {target}", timeout=20)
 
     def cmd(self, line: str, timeout: float = 10.0) -> dict:
         self.token += 1
@@ -60,7 +60,7 @@ class Gdb:
 def test_registers_and_structures_through_gdb(booted_guest, profile):
     g = booted_guest(profile)
     t = g.truth
-    gdb = Gdb(g.port)
+    gdb = Gdb(g.gdb)
     try:
         v = t["vcpus"][0]
         assert gdb.reg("cr3") == v["cr3"] == t["kernel_dtb"]
@@ -127,7 +127,7 @@ def test_kpti_second_vcpu_in_user_mode(booted_guest, profile):
     t = g.truth
     user = t["vcpus"][1]
     assert user["cpl"] == 3
-    gdb = Gdb(g.port)
+    gdb = Gdb(g.gdb)
     try:
         gdb.cmd("-thread-select 2")
         assert gdb.reg("cs") & 3 == 3

@@ -28,7 +28,7 @@ def test_damaged_guest_in_gdb(profile):
     truth = json.loads((directory / "truth.json").read_text())
     with booted(directory) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         walked = gdb.console_result("handle walk all --json", timeout=600)
         records = json.loads(walked.console[walked.console.index("["):])
         assert sorted(({k: r[k] for k in HANDLE_KEYS} for r in records), key=key) == sorted(truth["handles"], key=key)

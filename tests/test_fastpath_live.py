@@ -31,10 +31,10 @@ def key(record: dict) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def attached(scenario: str = "default", ram_mib: int | None = None):
+def attached(scenario: str = "default", ram_mib: int | None = None, gdb_socket: bool = True):
     directory = cached_guest("19041", scenario)
     truth = json.loads((directory / "truth.json").read_text())
-    with booted(directory, ram_mib=ram_mib) as vm, Gdb(timeout=120) as gdb:
+    with booted(directory, ram_mib=ram_mib, gdb_socket=gdb_socket) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
         yield vm, gdb, truth
 
@@ -44,7 +44,7 @@ def attached(scenario: str = "default", ram_mib: int | None = None):
 def test_fast_path_equals_stub_record_for_record(scenario):
     """churn is read paused (gdb stopped it), so both paths see the same instant."""
     with attached(scenario) as (vm, gdb, truth):
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         fast_ps = gdb.json("handle ps --json", timeout=600)
         fast = gdb.json("handle walk all --json", timeout=900)
         info = gdb.console("handle info")
@@ -68,7 +68,7 @@ def test_fast_path_equals_stub_record_for_record(scenario):
 def test_auto_paused_walk_of_a_large_guest_reads_the_process(ram_mib):
     """No RAM dump, so no size limit: the VM is paused, read in place and resumed."""
     with attached("default", ram_mib=ram_mib) as (vm, gdb, truth):
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         gdb.console(f"set handle qmp {vm.qmp}")
         gdb.console("set handle auto-pause on")
         gdb.cont()
@@ -109,7 +109,7 @@ def tcp_proxy(port: int):
 
 
 def test_proxy_in_front_of_the_stub_falls_back_and_says_why():
-    with attached() as (vm, gdb, truth), tcp_proxy(vm.port) as port:
+    with attached(gdb_socket=False) as (vm, gdb, truth), tcp_proxy(vm.port) as port:
         gdb.connect("127.0.0.1", port)
         records = gdb.json("handle walk all --json", timeout=600)
         assert sorted(records, key=key) == sorted(truth["handles"], key=key)
@@ -124,13 +124,22 @@ def test_proxy_in_front_of_the_stub_falls_back_and_says_why():
 
 
 def test_ram_read_from_the_process_equals_a_pmemsave(tmp_path):
-    """Without gdb: QEMU found from both of its sockets, RAM mapped through QMP and compared."""
-    with booted(cached_guest("19041", "default")) as vm, Qmp(vm.qmp) as q:
+    """Without gdb: QEMU found from each of its sockets (QMP, the gdbstub on TCP and on a unix
+    socket), RAM mapped through QMP and compared."""
+    with booted(cached_guest("19041", "default"), gdb_socket=False) as vm, Qmp(vm.qmp) as q, \
+            booted(cached_guest("19041", "default")) as unix_vm:
         assert qemu_ram.unix_peer_pid(vm.qmp) == vm.pid
         with socket.create_connection(("127.0.0.1", vm.port)) as stub:
             stub.sendall(b"$?#3f")             # QEMU's answer means it has accepted us
             assert stub.recv(64)
             assert qemu_ram.tcp_peer_pid(stub.getpeername()) == vm.pid
+        with pytest.raises(qemu_ram.FastPathUnavailable):
+            qemu_ram.own_unix_peer_pid(unix_vm.gdb)            # no connection of ours yet
+        with socket.socket(socket.AF_UNIX) as stub:
+            stub.connect(unix_vm.gdb)
+            stub.sendall(b"$?#3f")
+            assert stub.recv(64)
+            assert qemu_ram.own_unix_peer_pid(unix_vm.gdb) == unix_vm.pid != vm.pid
         q.stop()
         ram = qemu_ram.map_ram(vm.pid, q.hmp, lambda p, n: qemu_ram.xp_bytes(q.hmp, p, n))
         try:

@@ -202,14 +202,41 @@ def test_run_serves_the_gdbstub_on_a_private_unix_socket(snapshotted, tmp_path):
     assert run.returncode == 2 and leftovers(tmp) == []
 
 
-def test_boot_py_gdb_socket_serves_gdb_only_through_the_private_directory():
-    with booted(cached_guest("19041", "default"), gdb_socket=True) as vm:
+def test_boot_py_serves_gdb_only_through_the_private_directory_by_default():
+    with booted(cached_guest("19041", "default")) as vm:
         assert vm.port == 0 and tcp_listeners(vm.pid) == []
         assert Path(vm.gdb).parent.stat().st_mode & 0o777 == 0o700
         run = subprocess.run([*CLI, "run", "--gdb", vm.gdb, "--qmp", vm.qmp, "--", "ps"], capture_output=True,
                              text=True, cwd=ROOT, timeout=300)
         assert run.returncode == 0, run.stderr
         assert [p["pid"] for p in json.loads(run.stdout)][0] == 4
+
+
+@pytest.mark.parametrize("option", [[], ["--gdb-tcp"]], ids=["default", "gdb-tcp"])
+def test_boot_py_prints_where_its_gdbstub_is(option, tmp_path):
+    """boot.py's default is the unix socket in its 0700 directory; --gdb-tcp is the explicit
+    choice of a free port on 127.0.0.1. gdb attaches to what it prints, either way."""
+    boot = subprocess.Popen([sys.executable, str(ROOT / "vm-images" / "boot.py"), "--scratch", *option,
+                             str(cached_guest("19041", "default"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        kind, where = boot.stdout.readline().split()           # printed once the guest is up
+        qemu = next(pid for pid, name in children(boot.pid).items() if name.startswith("qemu"))
+        if option:
+            assert kind == "gdb-port" and tcp_listeners(qemu) == [f"0100007F:{int(where):04X}"]   # 127.0.0.1
+            target = f"127.0.0.1:{where}"
+        else:
+            assert kind == "gdb-socket" and tcp_listeners(qemu) == []
+            assert Path(where).parent.parent == tmp_path and Path(where).parent.stat().st_mode & 0o777 == 0o700
+            target = where
+        with Gdb(timeout=120) as gdb:
+            gdb.source(str(ROOT / "gdbinit.py"))
+            gdb.connect(target)
+            assert gdb.json("handle ps --json")[0]["pid"] == 4
+    finally:
+        boot.terminate()
+        boot.communicate(timeout=60)
+    assert leftovers(tmp_path) == []
 
 
 # --- the gdbstub goes away in the middle of a walk -------------------------------------------------
@@ -269,7 +296,7 @@ def one_line(exc: MiError) -> str:
 @pytest.mark.parametrize("fault", ["gdbstub dropped", "QEMU killed"])
 def test_walk_loses_its_target_midway(fault, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    with booted(cached_guest("19041", "default")) as vm, Gdb(timeout=300) as gdb:
+    with booted(cached_guest("19041", "default"), gdb_socket=False) as vm, Gdb(timeout=300) as gdb:
         proxy = CuttingProxy(vm.port)
         try:
             gdb.source(str(ROOT / "gdbinit.py"))

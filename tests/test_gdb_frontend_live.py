@@ -222,7 +222,7 @@ def test_guest_strings_cannot_drive_the_terminal(tmp_path):
             dst.write(data)
     with booted(directory) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         gdb.console("maintenance packet Qqemu.PhyMemMode:1")
         for address, data in patches.items():
             gdb.console(f"python gdb.selected_inferior().write_memory({address:#x}, bytes.fromhex('{data.hex()}'))")

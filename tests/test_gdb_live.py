@@ -55,7 +55,7 @@ def live_guest(profile: str, scenario: str, guid: str | None = None):
     truth = json.loads((directory / "truth.json").read_text())
     with booted(directory) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         yield Live(gdb, truth, directory)
 
 

@@ -24,7 +24,7 @@ def terminal():
     directory = cached_guest("19041", "default")
     truth = json.loads((directory / "truth.json").read_text())
     with booted(directory) as vm, PtyGdb("-ex", f"source {GDBINIT}", "-ex",
-                                         f"target remote 127.0.0.1:{vm.port}") as gdb:
+                                         f"target remote {vm.gdb}") as gdb:
         gdb.expect(r"\(gdb\) ")
         yield gdb, truth, vm
 

@@ -27,7 +27,7 @@ GDBINIT = Path(__file__).resolve().parents[1] / "gdbinit.py"
 
 def attach(vm, gdb: Gdb) -> None:
     gdb.source(str(GDBINIT))
-    gdb.connect("127.0.0.1", vm.port)
+    gdb.connect(vm.gdb)
     gdb.console(f"set handle qmp {vm.qmp}")
 
 

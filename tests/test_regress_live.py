@@ -93,7 +93,7 @@ def test_attach_to_a_running_qemu(tmp_path):
     truth = json.loads((directory / "truth.json").read_text())
     golden = tmp_path / "golden.json"
     with booted(directory) as vm:
-        where = ["--gdb", f"127.0.0.1:{vm.port}", "--qmp", vm.qmp]
+        where = ["--gdb", vm.gdb, "--qmp", vm.qmp]
         update = gdbhandles("regress", *where, "--expect", str(golden), "--update")
         assert update.returncode == 0, update.stderr
         assert key(json.loads(golden.read_text())) == key(truth["handles"])
@@ -150,11 +150,11 @@ def test_attach_errors_are_one_line(tmp_path):
     assert refused.returncode == 2 and "Connection refused" in refused.stderr, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     with booted(cached_guest("19041", "default", 0)) as vm:
-        missing = gdbhandles("run", "--gdb", f"127.0.0.1:{vm.port}", "--qmp", str(tmp_path / "nonexist.sock"),
+        missing = gdbhandles("run", "--gdb", vm.gdb, "--qmp", str(tmp_path / "nonexist.sock"),
                              "--", "ps")
         assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
         assert len(missing.stderr.strip().splitlines()) == 1
-        works = gdbhandles("run", "--gdb", f"127.0.0.1:{vm.port}", "--qmp", vm.qmp, "--", "vmstatus")
+        works = gdbhandles("run", "--gdb", vm.gdb, "--qmp", vm.qmp, "--", "vmstatus")
         assert works.returncode == 0 and json.loads(works.stdout) == "QEMU: paused; gdb: stopped", works.stdout
         from gdbhandles.automation.qmp import Qmp
         with Qmp(vm.qmp) as q:                 # gdb detached: the VM runs on

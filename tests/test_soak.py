@@ -60,7 +60,7 @@ def test_soak_of_auto_paused_lookups_and_walks(tmp_path):
     script.write_text(SAMPLE.format(counter=churn["counter"], pid=churn["pid"]))
     with booted(directory) as vm, Gdb(timeout=120) as gdb:
         gdb.source(str(GDBINIT))
-        gdb.connect("127.0.0.1", vm.port)
+        gdb.connect(vm.gdb)
         gdb.console(f"set handle qmp {vm.qmp}")
         gdb.console("set handle auto-pause on")
         gdb.console("set handle progress off")

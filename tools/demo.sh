@@ -29,14 +29,14 @@ fail() { cat "$log" >&2; echo "demo.sh: $1" >&2; exit 1; }
     || fail "building the guest failed"
 "$python" vm-images/boot.py --scratch "$out" >>"$log" 2>&1 &
 boot=$!
-until grep -q '^gdb-port ' "$log"; do                  # boot.py prints it once the guest is up
+until grep -q '^gdb-socket ' "$log"; do                # boot.py prints it once the guest is up
     kill -0 "$boot" 2>/dev/null || fail "the guest did not come up"
     sleep 0.1
 done
-port=$(awk '/^gdb-port /{print $2}' "$log")
+stub=$(awk '/^gdb-socket /{print $2}' "$log")          # a unix socket in boot.py's 0700 directory
 
 # a command file: gdb stops at the first command that fails and exits 1
-for command in "target remote 127.0.0.1:$port" "handle info" "handle ps" \
+for command in "target remote $stub" "handle info" "handle ps" \
                "handle walk lsass.exe --type File" "handle lookup 4 0x4" "detach"; do
     printf 'echo (gdb) %s\\n\n%s\n' "$command" "$command"
 done >"$work/session.gdb"

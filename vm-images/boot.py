@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Boot a built guest under QEMU (TCG): gdbstub on 127.0.0.1, QMP on a private unix socket.
+"""Boot a built guest under QEMU (TCG): gdbstub and QMP on unix sockets in a private 0700 directory.
 
 python vm-images/boot.py DIR [options]
-prints `gdb-port P`, `qmp PATH` and `disk PATH` once the guest reached its steady state, then
+prints `gdb-socket PATH` (gdb: `target remote PATH`; with --gdb-tcp or --gdb-port, `gdb-port P` on
+127.0.0.1), `qmp PATH` and `disk PATH` once the guest reached its steady state, then
 runs until Ctrl-C/SIGTERM and cleans up (QEMU stopped, socket directory removed). The guest
 runs on its own DIR/disk.qcow2, so snapshots saved meanwhile (`gdbhandles snapshot --qmp PATH
 --name s1`) stay for a later `--snapshot s1`; `--scratch` runs on a throw-away copy instead.
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
+
+
+UNIX_PATH_MAX = 108            # sun_path of Linux, with its NUL
 
 
 def free_port() -> int:
@@ -145,10 +149,12 @@ def steady(states: list[tuple[int, int]], cfg: dict) -> bool:
 def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
            snapshot: str | None = None, smp: int | None = None, disk: Path | None = None,
            timeout: float = 60.0, accel: str = "tcg", ram_mib: int | None = None, scratch: bool = True,
-           gdb_socket: bool = False):
-    """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc, disk).
+           gdb_socket: bool = True):
+    """Run QEMU on a built guest until the block exits; yields Booted(port, qmp, pid, proc, disk, gdb).
     `ram_mib` gives the guest more RAM than it was built with (TCG allocates untouched RAM lazily).
-    `gdb_socket`: the gdbstub on a unix socket in the private 0700 directory instead of TCP.
+    The gdbstub is a unix socket in the private 0700 directory (port 0; another local user cannot
+    reach it), or TCP on 127.0.0.1 with `gdb_port` or `gdb_socket=False` (also, with one line on
+    stderr, when the directory's path is too long for a unix socket).
 
     The disk is `disk` if given, else with `scratch` (the default here, so that tests can boot one
     cached guest several times at once: QEMU locks its disk images) a private copy of the guest's
@@ -160,6 +166,7 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
     proc = None
     q = None
     try:
+        gdb_socket = gdb_socket and gdb_port is None and _fits_unix_socket(tmp / "gdb.sock")
         port = str(tmp / "gdb.sock") if gdb_socket else gdb_port or free_port()
         qmp_path = qmp or str(tmp / "qmp.sock")
         if disk is None:
@@ -204,14 +211,22 @@ def booted(guest_dir, *, gdb_port: int | None = None, qmp: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fits_unix_socket(path: Path) -> bool:
+    if len(os.fsencode(path)) < UNIX_PATH_MAX:
+        return True
+    print(f"boot.py: {path} is too long for a unix socket; the gdbstub listens on 127.0.0.1 instead",
+          file=sys.stderr)
+    return False
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path, help="a guest written by build.py (guest.json, loader.bin, memory.bin, ...)")
-    ap.add_argument("--gdb-port", type=int, metavar="P",
-                    help="gdbstub port on 127.0.0.1 (default: a free one, printed as `gdb-port P`)")
-    ap.add_argument("--gdb-socket", action="store_true",
-                    help="serve the gdbstub on a unix socket in a private directory (printed as `gdb-socket "
-                         "PATH`; gdb: target remote PATH) instead of TCP on 127.0.0.1")
+    ap.add_argument("--gdb-tcp", action="store_true",
+                    help="serve the gdbstub on a free TCP port on 127.0.0.1 (printed as `gdb-port P`) instead "
+                         "of the default unix socket in the private directory (printed as `gdb-socket PATH`; "
+                         "gdb: target remote PATH), which no other local user can reach")
+    ap.add_argument("--gdb-port", type=int, metavar="P", help="serve the gdbstub on this TCP port on 127.0.0.1")
     ap.add_argument("--qmp", metavar="PATH", help="QMP unix socket (default: qmp.sock in a private 0700 directory)")
     ap.add_argument("--snapshot", metavar="NAME", help="start from this snapshot of the disk (QEMU -loadvm)")
     ap.add_argument("--scratch", action="store_true",
@@ -237,8 +252,8 @@ def main() -> int:
     try:
         with booted(a.dir, gdb_port=a.gdb_port, qmp=a.qmp, snapshot=a.snapshot, smp=a.smp,
                     timeout=a.timeout, accel=a.accel, ram_mib=a.ram_mib, scratch=a.scratch,
-                    gdb_socket=a.gdb_socket) as b:
-            print(f"gdb-socket {b.gdb}" if a.gdb_socket else f"gdb-port {b.port}", flush=True)
+                    gdb_socket=not a.gdb_tcp) as b:
+            print(f"gdb-port {b.port}" if b.port else f"gdb-socket {b.gdb}", flush=True)
             print(f"qmp {b.qmp}", flush=True)
             print(f"disk {b.disk}" + (" (scratch copy, removed at exit)" if a.scratch else ""), flush=True)
             b.proc.wait()

@@ -20,8 +20,8 @@ from typing import Callable
 
 from gdbhandles.errors import HandleError, UnreadablePage
 
-__all__ = ["FastPathUnavailable", "QemuRam", "RamRange", "map_ram", "tcp_peer_pid", "unix_peer_pid",
-           "xp_bytes"]
+__all__ = ["FastPathUnavailable", "QemuRam", "RamRange", "map_ram", "own_unix_peer_pid", "tcp_peer_pid",
+           "unix_peer_pid", "xp_bytes"]
 
 PAGE = 0x1000
 SAMPLES_PER_RANGE = 4       # pages compared with the reference in each RAM range, besides its ends
@@ -165,6 +165,38 @@ def unix_peer_pid(path: str) -> int:
             raise FastPathUnavailable(f"cannot connect to {path} ({exc.strerror})") from None
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[0]
+
+
+def own_unix_peer_pid(path: str) -> int:
+    """The process at the other end of this process's own connection to unix socket `path` (gdb's
+    to QEMU's gdbstub): SO_PEERCRED of that socket. A fresh connection would only queue behind
+    gdb's, the stub serving one client."""
+    try:
+        wanted = os.stat(path)
+    except OSError as exc:
+        raise FastPathUnavailable(f"gdb's socket {path}: {exc.strerror}") from None
+    for fd in _socket_fds():
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.family != socket.AF_UNIX or not isinstance(peer := sock.getpeername(), str) or not peer:
+                    continue
+                if os.path.samestat(os.stat(peer), wanted):
+                    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    return struct.unpack("3i", creds)[0]
+        except OSError:
+            continue            # closed meanwhile, not connected, or a peer path we cannot stat
+    raise FastPathUnavailable(f"no connection of ours to {path} found")
+
+
+def _socket_fds() -> list[int]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
+                fds.append(int(fd))
+        except OSError:
+            continue
+    return fds
 
 
 def check_owner(pid: int) -> None:

@@ -7,6 +7,8 @@ the same questions through QMP's human-monitor-command, and checks pages with `x
 
 from __future__ import annotations
 
+import os
+
 import gdb
 
 from gdbhandles.automation import qemu_ram
@@ -18,17 +20,21 @@ __all__ = ["from_qmp", "from_stub", "qmp_pid"]
 PFN_MASK = 0x000F_FFFF_FFFF_F000
 
 
-def _stub_address() -> tuple[str, int]:
-    """Host and port of gdb's remote connection, or why it has none we can follow."""
+def _stub_pid() -> int:
+    """The QEMU process at the other end of gdb's remote connection (a unix socket path, or
+    HOST:PORT), or why there is none we can follow."""
     connection = gdb.selected_inferior().connection
     if connection is None or connection.type not in ("remote", "extended-remote"):
         raise FastPathUnavailable("gdb is not connected through the remote protocol")
     details = connection.details or ""
+    path = os.path.expanduser(details.removeprefix("unix::"))
+    if details.startswith("unix::") or os.path.exists(path):
+        return qemu_ram.own_unix_peer_pid(path)
     text = details.split(":", 1)[1] if details.startswith(("tcp:", "tcp4:", "tcp6:")) else details
     host, _, port = text.rpartition(":")
     if not port.isdigit() or not host:
-        raise FastPathUnavailable(f"gdb's connection {details!r} is not a TCP socket")
-    return host.strip("[]"), int(port)
+        raise FastPathUnavailable(f"gdb's connection {details!r} is neither a unix nor a TCP socket")
+    return qemu_ram.tcp_peer_pid((host.strip("[]"), int(port)))
 
 
 def _monitor(command: str) -> str:
@@ -38,7 +44,7 @@ def _monitor(command: str) -> str:
 def from_stub(reference, registers: list[dict]) -> QemuRam:
     """The RAM of the QEMU serving gdb's connection, checked against `reference(paddr, size)`
     (the stub in physical mode); the vCPUs' page-table roots are among the pages compared."""
-    pid = qemu_ram.tcp_peer_pid(_stub_address())
+    pid = _stub_pid()
     roots = tuple(r["cr3"] & PFN_MASK for r in registers if "cr3" in r)
     return qemu_ram.map_ram(pid, _monitor, reference, roots)
 
