@@ -371,9 +371,39 @@ def test_snapshot_against_a_hostile_peer_exits_2(peer, tmp_path):
     assert "QMP" in run.stderr
 
 
-def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def qmp_over_tcp(path: str):
+    """QEMU's unix QMP socket reached as tcp:127.0.0.1:PORT (one forward per client): auto-pause
+    then pauses with QMP `stop` and resumes through gdb, as it does for a TCP monitor."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(source, sink) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.socket(socket.AF_UNIX)
+                upstream.connect(path)
+                for pair in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pump, args=pair, daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("monitor", ["unix", "tcp"])
+def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch, monitor):
     """Ctrl-C while QEMU writes the RAM dump of a 2 GiB guest (the path taken without the fast
-    path). QEMU cannot cancel a pmemsave and serves nothing else until it ends: a resume sent
+    path), paused by QMP's hold (a unix monitor) or by QMP `stop` (a TCP one). QEMU cannot cancel
+    a pmemsave and serves nothing else until it ends: with `stop`, a resume through gdb sent
     meanwhile timed out and left QEMU paused with gdb believing it ran. Now gdb says so in one
     line, removes the partial dump, waits for QEMU, resumes: the VM runs, gdb and QEMU in step,
     no dump, no guardian, no asyncio traceback, and gdb stays usable."""
@@ -383,8 +413,10 @@ def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch):
     script = tmp_path / "dump.py"
     script.write_text("from gdbhandles.gdb import paused\n"
                       "with paused.paused_vm() as q, paused.ram_dump(q):\n    pass\n")
-    with booted(cached_guest("19041", "default"), ram_mib=2048) as vm, Gdb(timeout=120) as gdb:
+    with booted(cached_guest("19041", "default"), ram_mib=2048) as vm, Gdb(timeout=120) as gdb, \
+            (qmp_over_tcp(vm.qmp) if monitor == "tcp" else contextlib.nullcontext(vm.qmp)) as address:
         attach(vm, gdb)
+        gdb.console(f"set handle qmp {address}")
         gdb.cont()
         wait_until(lambda: qemu_status(vm.qmp) == "running", what="the guest running")
         token = gdb.send(f'-interpreter-exec console "source {script}"')
