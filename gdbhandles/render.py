@@ -24,6 +24,7 @@ PROGRESS_EVERY = 0.5        # seconds between progress lines
 # C0 and C1 controls, DEL, and the bidi embeddings, overrides and isolates (plus LRM/RLM/ALM and
 # the Unicode line separators): each shown as a visible escape instead.
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+JSON_STRING = json.encoder.encode_basestring_ascii     # what json.dumps writes a str as
 NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
@@ -152,8 +153,26 @@ def handles_json_pieces(records: list[HandleRecord]) -> Iterator[str]:
     yield "[\n"
     last = len(records) - 1
     for i, record in enumerate(records):
-        yield " " + json.dumps(record.to_json(), indent=1).replace("\n", "\n ") + (",\n" if i < last else "\n")
+        yield _record_json(record.to_json()) + (",\n" if i < last else "\n")
     yield "]\n"
+
+
+def _record_json(record: dict) -> str:
+    """One record as json.dumps(list, indent=1) writes a list item; a flat record (no problems)
+    is written here, key by key, with json's own string escaping (several times faster)."""
+    if "problems" in record:
+        return " " + json.dumps(record, indent=1).replace("\n", "\n ")
+    return " {\n" + ",\n".join(f"  {JSON_STRING(key)}: {_json_scalar(value)}" for key, value in record.items()) + "\n }"
+
+
+def _json_scalar(value) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return int.__repr__(value)
+    if type(value) is str:
+        return JSON_STRING(value)
+    return json.dumps(value)
 
 
 def walk_summary(records: list[HandleRecord], seconds: float, stats) -> str:
