@@ -146,8 +146,11 @@ def test_walk_into_a_closed_pipe_is_quiet(built_guest):
 
 def test_attach_errors_are_one_line(tmp_path):
     from boot import booted, free_port
-    refused = gdbhandles("run", "--gdb", f"127.0.0.1:{free_port()}", "--", "ps")
-    assert refused.returncode == 2 and "Connection refused" in refused.stderr, refused.stderr
+    port = free_port()
+    refused = gdbhandles("run", "--gdb", f"127.0.0.1:{port}", "--", "ps")
+    assert refused.stderr == f"gdbhandles: gdb could not attach to 127.0.0.1:{port}: Connection refused.\n", \
+        refused.stderr
+    assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1
     with booted(cached_guest("19041", "default", 0)) as vm:
         missing = gdbhandles("run", "--gdb", vm.gdb, "--qmp", str(tmp_path / "nonexist.sock"),

@@ -163,7 +163,8 @@ def attached(address: str, qmp: str | None):
             gdb.console(f"set handle qmp {qmp}")
     except MiError as exc:
         gdb.close()
-        raise RunError(f"gdb could not attach to {address}: {exc.message}") from None
+        reason = exc.message.removeprefix(f"{address}: ")     # gdb names the address itself
+        raise RunError(f"gdb could not attach to {address}: {reason}") from None
     except BaseException:                   # Ctrl-C, SIGTERM: gdb goes too
         gdb.close()
         raise
