@@ -166,9 +166,7 @@ class ProcessBuilder:
         """Fill EPROCESS and its ETHREADs once tables, tokens and neighbours are known."""
         L = self.L
         E = "_EPROCESS"
-        b = bytearray(L.size(E))
-        b[0] = DISPATCHER_PROCESS
-        b[2] = (L.size("_KPROCESS") // 4) & 0xFF
+        b = self._dispatcher_object(E, "_KPROCESS", DISPATCHER_PROCESS)
         L.put(b, 0, E, "Pcb.DirectoryTableBase", proc.dtb)
         if L.has(E, "Pcb.UserDirectoryTableBase"):
             L.put(b, 0, E, "Pcb.UserDirectoryTableBase", proc.user_dtb if kvashadow else 0)
@@ -209,12 +207,18 @@ class ProcessBuilder:
         self.kmem.write(va + size, data)
         return va
 
+    def _dispatcher_object(self, name: str, kernel_part: str, kind: int) -> bytearray:
+        """A zeroed `name` whose dispatcher header holds `kind` (Header.Type) and the size of its
+        `kernel_part` in dwords (Header.Size), as KeInitializeProcess/KeInitializeThread write them."""
+        b = bytearray(self.L.size(name))
+        b[0] = kind
+        b[2] = (self.L.size(kernel_part) // 4) & 0xFF
+        return b
+
     def _write_thread(self, proc: Process, t: Thread, prev: int, nxt: int) -> None:
         L = self.L
         T = "_ETHREAD"
-        b = bytearray(L.size(T))
-        b[0] = DISPATCHER_THREAD
-        b[2] = (L.size("_KTHREAD") // 4) & 0xFF
+        b = self._dispatcher_object(T, "_KTHREAD", DISPATCHER_THREAD)
         L.put(b, 0, T, "Tcb.Process", proc.eprocess)
         L.put(b, 0, T, "Tcb.ApcState.Process", proc.eprocess)
         L.put(b, 0, "_KTHREAD", "Teb", t.teb)
