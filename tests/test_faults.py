@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "gdbhandles.cli"]
 MANY = ["ps"] * 40                   # keeps gdb busy long enough to be signalled there
+STARTUP = 240                        # QEMU's loadvm and gdb's start under two CPU hogs: an event, not a delay
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_run_signalled(snapshotted, tmp_path, stage, sig):
     try:
         started = wait_until(lambda: {p: n for p, n in children(run.pid).items()
                                       if n.startswith(STAGES[stage])} and children(run.pid),
-                             what=f"{stage} started by gdbhandles run")
+                             timeout=STARTUP, what=f"{stage} started by gdbhandles run")
         run.send_signal(sig)
         out, err = run.communicate(timeout=120)
     finally:
@@ -90,7 +91,8 @@ def test_regress_sigterm(snapshotted, tmp_path):
     tmp = tmp_path / "tmp"
     golden = tmp_path / "golden.json"
     run = cli(["regress", "--qemu", snapshotted, "--snapshot", "base", "--expect", str(golden), "--update"], tmp)
-    started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb started")
+    started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), STARTUP,
+                         what="gdb started")
     run.terminate()
     out, err = run.communicate(timeout=120)
     assert (run.returncode, err.strip()) == (2, "gdbhandles: stopped by SIGTERM; what it started is stopped")
@@ -185,7 +187,8 @@ def test_run_serves_the_gdbstub_on_a_private_unix_socket(snapshotted, tmp_path):
     tmp = tmp_path / "tmp"
     run = cli(["run", "--qemu", snapshotted, "--snapshot", "base", "--", *MANY], tmp)
     try:
-        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb")
+        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), STARTUP,
+                             what="gdb")
         qemu = next(pid for pid, name in started.items() if name.startswith("qemu"))
         command = Path(f"/proc/{qemu}/cmdline").read_bytes().split(b"\0")
         stub = command[command.index(b"-chardev") + 1].decode()
@@ -427,7 +430,7 @@ def test_ctrl_c_during_the_auto_pause_ram_dump(tmp_path, monkeypatch, monitor):
         assert "QEMU cannot cancel the RAM dump" in log and "KeyboardInterrupt" in log, log
         assert "Task exception" not in log
         assert leftovers(tmp) == []                    # removed before the command returned
-        wait_until(lambda: qemu_status(vm.qmp) == "running", what="the VM resumed")
+        wait_until(lambda: qemu_status(vm.qmp) == "running", STARTUP, "the VM resumed (after the whole dump)")
         wait_until(lambda: gdb.console("handle vmstatus").strip().splitlines()[-1] == "QEMU: running; gdb: running",
                    what="gdb in step with QEMU")
         gone(helpers)
@@ -441,7 +444,8 @@ def test_run_survives_its_gdb_or_qemu_being_killed(snapshotted, tmp_path, victim
     tmp = tmp_path / "tmp"
     run = cli(["run", "--qemu", snapshotted, "--snapshot", "base", "--", *MANY], tmp)
     try:
-        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), what="gdb")
+        started = wait_until(lambda: "gdb-mi" in children(run.pid).values() and children(run.pid), STARTUP,
+                             what="gdb")
         os.kill(next(pid for pid, name in started.items() if name.startswith(victim)), signal.SIGKILL)
         out, err = run.communicate(timeout=300)
     finally:
