@@ -174,29 +174,29 @@ class Windows:
 
     def _handle_count(self, process: Process, table: HandleTable) -> tuple[int, list[str]]:
         """(count, damage met): Windows' own count (one read of the table header) when the
-        table's pages look sound (HandleTable.page_problems: a few reads); else the table
-        counted entry by entry (bounded like a walk, its damage said), so that the count is
-        what a walk lists. Counted too, with a note saying so, when the layout has no counter
-        or the counter is implausible."""
-        problems = [p.message for p in table.page_problems()]
-        if problems:
-            count, found = table.census()
-            return count, [p.message for p in found]
+        table's pages look sound (HandleTable.page_problems: a few reads) and the layout has a
+        plausible counter; else the table counted entry by entry (bounded like a walk, its damage
+        said), so that the count is what a walk lists."""
+        if not table.page_problems():
+            count = self._kernel_count(process, table)
+            if count is not None:
+                return count, []
+        count, found = table.census()
+        return count, [p.message for p in found]
+
+    def _kernel_count(self, process: Process, table: HandleTable) -> int | None:
+        """_HANDLE_TABLE.HandleCount; None, with a note saying why, when it cannot be used."""
         try:
             count = table.kernel_count()
         except CorruptTable as exc:
             self.warnings.append(WalkWarning(process.pid, process.name, f"{exc}; counted the entries instead"))
-            count = None
-        else:
-            if count is None:
-                note = WalkWarning(None, None, "this layout has no _HANDLE_TABLE HandleCount: handle counts "
-                                               "are counted entry by entry")
-                if note not in self.warnings:
-                    self.warnings.append(note)
-        if count is not None:
-            return count, []
-        count, found = table.census()
-        return count, [p.message for p in found]
+            return None
+        if count is None:
+            note = WalkWarning(None, None, "this layout has no _HANDLE_TABLE HandleCount: handle counts "
+                                           "are counted entry by entry")
+            if note not in self.warnings:
+                self.warnings.append(note)
+        return count
 
     # --- walk ------------------------------------------------------------------------------
 

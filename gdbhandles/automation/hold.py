@@ -42,8 +42,6 @@ def held(q: Qmp):
         yield
         if q.status() != "save-vm":
             raise QmpError("the VM ran while it was read (QEMU ended the hold early); read it again")
-    except BaseException:
-        os.close(reader)
-        raise
-    os.close(reader)                 # the dump's next write fails: QEMU resumes the VM
+    finally:
+        os.close(reader)             # the dump's next write fails: QEMU resumes the VM
     q.wait_event("RESUME")

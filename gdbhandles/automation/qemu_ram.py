@@ -111,8 +111,9 @@ def _endpoint(text: str, family: int) -> tuple[str, int]:
     return host, int(port, 16)
 
 
-def _socket_inodes(pid: str) -> set[int]:
-    inodes = set()
+def _sockets(pid: str) -> dict[int, int]:
+    """{fd: socket inode} of process `pid` ("self": ours), as far as we may see them."""
+    found = {}
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
@@ -120,16 +121,16 @@ def _socket_inodes(pid: str) -> set[int]:
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
+                found[int(fd)] = int(target[8:-1])
     except OSError:
         pass
-    return inodes
+    return found
 
 
 def _owner(inode: int) -> int | None:
     """The process holding socket `inode` (that we may see), or None."""
     for pid in os.listdir("/proc"):
-        if pid.isdigit() and inode in _socket_inodes(pid):
+        if pid.isdigit() and inode in _sockets(pid).values():
             return int(pid)
     return None
 
@@ -137,7 +138,7 @@ def _owner(inode: int) -> int | None:
 def tcp_peer_pid(remote: tuple[str, int]) -> int:
     """The local process at the other end of this process's TCP connection to `remote`."""
     rows = _tcp_table()
-    mine = _socket_inodes("self")
+    mine = set(_sockets("self").values())
     ours = [(local, rem) for local, rem, inode in rows if inode in mine and rem[1] == remote[1]]
     if not ours:
         raise FastPathUnavailable(f"no connection of ours to {remote[0]}:{remote[1]} found in /proc/net/tcp")
@@ -163,8 +164,7 @@ def unix_peer_pid(path: str) -> int:
             probe.connect(path)
         except OSError as exc:
             raise FastPathUnavailable(f"cannot connect to {path} ({exc.strerror})") from None
-        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[0]
+        return _peer_pid(probe)
 
 
 def own_unix_peer_pid(path: str) -> int:
@@ -175,28 +175,22 @@ def own_unix_peer_pid(path: str) -> int:
         wanted = os.stat(path)
     except OSError as exc:
         raise FastPathUnavailable(f"gdb's socket {path}: {exc.strerror}") from None
-    for fd in _socket_fds():
+    for fd in _sockets("self"):
         try:
             with socket.socket(fileno=os.dup(fd)) as sock:
                 if sock.family != socket.AF_UNIX or not isinstance(peer := sock.getpeername(), str) or not peer:
                     continue
                 if os.path.samestat(os.stat(peer), wanted):
-                    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                    return struct.unpack("3i", creds)[0]
+                    return _peer_pid(sock)
         except OSError:
             continue            # closed meanwhile, not connected, or a peer path we cannot stat
     raise FastPathUnavailable(f"no connection of ours to {path} found")
 
 
-def _socket_fds() -> list[int]:
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:["):
-                fds.append(int(fd))
-        except OSError:
-            continue
-    return fds
+def _peer_pid(sock: socket.socket) -> int:
+    """The pid at the other end of a connected unix socket (SO_PEERCRED: pid, uid, gid)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
 
 
 def check_owner(pid: int) -> None:
