@@ -15,7 +15,7 @@ import pytest
 
 from gdbhandles import render
 from gdbhandles.engine import Windows
-from gdbhandles.windows import disasm, layouts
+from gdbhandles.windows import disasm, file_check, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy, short_names
@@ -89,6 +89,13 @@ def test_infer_mode_equals_truth_on_every_profile(guest, profile):
     check_lookups(windows, truth, every=29)
     failed = [c for c in info.checks if not c[1]]
     assert not failed and len(info.checks) >= 10, info.checks
+    assert file_check_ran(info)
+
+
+def file_check_ran(info):
+    """The _FILE_OBJECT check ran on live File objects (a layout not shipped for this GUID)."""
+    [(_, passed, detail)] = [c for c in info.checks if c[0] == file_check.CHECK_NAME]
+    return passed and detail.startswith("16 File objects, 16 with a name")
 
 
 @pytest.mark.parametrize("profile", ["7601", "9200", "9600", "10586", "14393", "17763", "19041", "22000",
@@ -108,6 +115,7 @@ def test_varied_code_guests_equal_truth(guest, profile, layout):
     check_processes(windows, truth)
     check_handles(windows, truth)
     assert all(passed for _, passed, _ in info.checks), info.checks
+    assert file_check_ran(info)
 
 
 def test_future_build_is_read_by_inference_alone(guest):
@@ -124,7 +132,8 @@ def test_future_build_is_read_by_inference_alone(guest):
     check_processes(windows, truth)
     check_handles(windows, truth)
     check_lookups(windows, truth)
-    assert all(passed for _, passed, _ in info.checks) and len(info.checks) >= 13, info.checks
+    assert all(passed for _, passed, _ in info.checks) and len(info.checks) >= 14, info.checks
+    assert file_check_ran(info)
     text = render.info_text(info)
     assert f"checks       {len(info.checks)} of {len(info.checks)} passed" in text
     assert "_CM_KEY_CONTROL_BLOCK.ParentKcb" in text and "\\REGISTRY" in text
@@ -241,6 +250,38 @@ def test_names_that_fail_give_one_summary_line(guest, tmp_path, struct, member, 
     assert "--profile FILE" in summary and all(t in summary for t in types)
     one_by_one = [w for w in windows.warnings if w.message.startswith("name of ")]
     assert len(one_by_one) == 8 and "not listed one by one" in summary
+
+
+@pytest.mark.parametrize("member, delta", [("FileName", 0x10), ("FileName", 8), ("DeviceObject", 8)])
+def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_named(guest, tmp_path,
+                                                                                     member, delta):
+    """FileName on CurrentByteOffset (zeros: every name empty, only the device path left), on the
+    Buffer pointer's bytes (ill-formed strings), DeviceObject on Vpb (no device): caught on live
+    File objects, said in one line, and every File record says why its name is null."""
+    directory, truth = guest("19041", guid="random")
+    windows = Windows.open(DumpFile(directory / "memory.raw"),
+                           isf=isf_moved(directory, tmp_path, "_FILE_OBJECT", member, delta))
+    records = [r.to_json() for r in windows.walk()]
+    files = [r for r in records if r["type"] == "File"]
+    assert files and all(r["name"] is None and "_FILE_OBJECT of the layout" in r["problems"][0] for r in files)
+    others = [{k: v for k, v in r.items() if k != "problems"} for r in records if r["type"] != "File"]
+    assert others == [h for h in truth["handles"] if h["type"] != "File"]
+    [warning] = windows.warnings
+    assert warning.message.startswith("File names unknown: _FILE_OBJECT of the layout (") and \
+        "does not fit this kernel: 16 File objects" in warning.message
+    assert "set handle profile FILE" in warning.message and "--profile FILE" in warning.message
+    [check] = [c for c in windows.info().checks if c[0] == file_check.CHECK_NAME]
+    assert not check[1] and check[2] in warning.message, check
+
+
+def test_the_file_object_check_runs_only_when_the_layout_is_not_the_kernels_own(guest):
+    directory, truth = guest("19041")               # its PDB GUID is shipped: no check, no reads for it
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    assert not [c for c in windows.info().checks if c[0] == file_check.CHECK_NAME]
+    directory, truth = guest("19041", guid="random")        # the same build's layout, another GUID
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    check_handles(windows, truth)
+    assert file_check_ran(windows.info())
 
 
 def test_a_few_damaged_names_give_no_summary(guest):

@@ -3,7 +3,8 @@ globals (kernel_globals.py), then the invariants every later step relies on (val
 
 from __future__ import annotations
 
-from gdbhandles.windows import infer, infer_cpu, infer_threads, kernel as kernel_module, kernel_globals, validate
+from gdbhandles.windows import (infer, infer_cpu, infer_threads, kernel as kernel_module, kernel_globals, layouts,
+                                validate)
 from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.memory import PhysicalMemory
 
@@ -21,7 +22,8 @@ def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int
     build = kernel_module.build_number(space, found.base, found.image)
     chosen, symbols = kernel_module.choose_layout(found.image, build, isf, infer=layout == "infer")
     kernel = Kernel(phys, space, found.dtb_source, found.base, found.base_source, found.image, build,
-                    chosen or infer.nearest_base(build))
+                    chosen or infer.nearest_base(build),
+                    layout_own=isinstance(chosen, layouts.ProfileLayout) and chosen is symbols)
     inferred = None
     if chosen is None:
         inferred = kernel.layout = infer.InferredLayout(kernel.layout, build)

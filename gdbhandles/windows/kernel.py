@@ -55,6 +55,8 @@ class Kernel:
     kernel_table: int = 0
     checks: list[Check] = field(default_factory=list)
     deferred_checks_done: bool = False        # validate.run_deferred ran
+    layout_own: bool = False                  # the layout is shipped for this very PDB GUID
+    file_check: Check | None = None           # file_check.check's result, once run
 
 
 def low_stub(phys: PhysicalMemory) -> tuple[int, int, int] | None:

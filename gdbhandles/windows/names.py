@@ -12,7 +12,8 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
-from gdbhandles.errors import CorruptTable, DamagedChain, HandleError
+from gdbhandles.errors import CorruptTable, DamagedChain, HandleError, ProfileError
+from gdbhandles.windows import file_check
 from gdbhandles.windows.ethread import EThread
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.kernel import Kernel
@@ -101,7 +102,11 @@ class Names:
         return path
 
     def file_name(self, body: int) -> str | None:
-        """Device path + FileName; the device part is left out when the device has no name."""
+        """Device path + FileName; the device part is left out when the device has no name.
+        ProfileError when the _FILE_OBJECT layout failed its check on live File objects."""
+        failed = file_check.failure(self.kernel, self.headers)
+        if failed:
+            raise ProfileError(failed)
         files = self.files
         device = files.device(self.kernel.space, body)
         prefix = self.object_path(device) if device else ""

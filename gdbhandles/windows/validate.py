@@ -9,10 +9,11 @@ itself) run when `handle info` first asks (`run_deferred`).
 from __future__ import annotations
 
 from gdbhandles.errors import HandleError
-from gdbhandles.windows import object_types
+from gdbhandles.windows import file_check, object_types
 from gdbhandles.windows.eprocess import EProcess
 from gdbhandles.windows.kernel import Check, Kernel
 from gdbhandles.windows.memory import PFN_MASK
+from gdbhandles.windows.object_header import Headers
 
 MAX_PROCESSES = 1 << 16
 MAX_HANDLE_BOUND = 1 << 26
@@ -28,6 +29,7 @@ def run_deferred(kernel: Kernel) -> None:
     if not kernel.deferred_checks_done:
         kernel.deferred_checks_done = True
         _run(kernel, (_process_list, _types, _page_tables))
+        file_check.check(kernel, Headers(kernel))     # adds itself, once, unless the layout is the kernel's own
 
 
 def _run(kernel: Kernel, checks) -> None:
