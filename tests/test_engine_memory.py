@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from gdbhandles.errors import UnreadablePage
-from gdbhandles.windows.memory import LINE, AddressSpace, DumpFile, PhysicalMemory
+from gdbhandles.windows.memory import FINE, FINE_SHARE, LINE, AddressSpace, DumpFile, PhysicalMemory
 
 P, W, LARGE, TRANSITION, PROTOTYPE = 1, 2, 0x80, 0x800, 0x400
 
@@ -116,6 +116,36 @@ def test_adjacent_missing_lines_come_in_one_read(ram):
     before = len(ram.calls)
     phys.read(0x30000 + 2 * LINE, 8)
     assert len(ram.calls) == before
+
+
+class RemoteRam(Ram):
+    round_trip_bytes = 512          # as QEMU's gdbstub: a round trip costs
+
+
+def test_fine_pieces_bridge_the_smallest_gaps_within_their_byte_budget():
+    """Over a costly wire the cheapest gaps are read rather than paid a round trip for, but the
+    bytes stay within FINE_SHARE per piece; only the pieces asked for are kept."""
+    ram = RemoteRam()
+    phys = PhysicalMemory(ram)
+    gaps = [FINE, 3 * FINE, 200, 4 * FINE, 1000, 2 * FINE]      # bytes between consecutive pieces
+    wanted = [0x40000]
+    for gap in gaps:
+        wanted.append(wanted[-1] + FINE + gap)
+    phys.prefetch_fine([(address + 1, 3) for address in wanted])
+    budget = (FINE_SHARE - FINE) * len(wanted)
+    bridged = sorted(gaps)[:max(n for n in range(len(gaps) + 1) if sum(sorted(gaps)[:n]) <= budget)]
+    assert phys.stats.bytes == FINE * len(wanted) + sum(bridged) <= FINE_SHARE * len(wanted)
+    assert len(ram.calls) == phys.stats.round_trips == len(wanted) - len(bridged) < len(wanted)
+    assert sorted(phys.pieces) == wanted
+    for address in wanted:
+        phys.read(address + 1, 3)
+    assert len(ram.calls) == phys.stats.round_trips
+
+
+def test_fine_pieces_over_a_free_wire_are_read_alone_unless_adjacent(ram):
+    phys = PhysicalMemory(ram)
+    phys.prefetch_fine([(0x40000, 3), (0x40000 + FINE, 3), (0x40000 + 3 * FINE, 3)])
+    assert ram.calls == [(0x40000, 2 * FINE), (0x40000 + 3 * FINE, FINE)]
 
 
 def test_mapped_pages_enumerates_mappings(ram):
