@@ -6,9 +6,10 @@ and its cProfile top lines), the live walk through the gdbstub (handles/s and gd
 growth during it), through the local fast path and auto-paused, the raw-stub floor (benchmarks/rsp_floor.py),
 the bytes and reads of a filtered walk (--type Process), and lookup times cold (a fresh gdb)
 and warm. Times are ratios to volatility3 (how many times faster) and to the floor (how
-many floors). Timings are printed, never asserted.
+many floors). Timings are printed, never asserted. `--filtered` measures only the live stub
+walk and the --type Process walk (about a minute; no volatility3).
 
-    .venv/bin/python benchmarks/bench.py [--scenarios big huge] [--json FILE]
+    .venv/bin/python benchmarks/bench.py [--scenarios big huge] [--json FILE] [--filtered]
 """
 
 from __future__ import annotations
@@ -244,6 +245,24 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
     return result
 
 
+def filtered_only(name: str) -> dict:
+    """The live stub walk and the --type Process walk alone, each from a cold cache (the guest ran)."""
+    with tempfile.TemporaryDirectory(prefix="gh-bench-") as tmp, \
+            booted(cached_guest("19041", name), gdb_socket=False) as vm:
+        live = Live(vm.port, Path(tmp))
+        try:
+            return {"scenario": name, "stub": live.walk("off"), "filtered": live.walk("off", " --type Process")}
+        finally:
+            live.close()
+
+
+def filtered_report(result: dict) -> str:
+    full, only = result["stub"], result["filtered"]
+    return "\n".join(f"{result['scenario']}: {label:<26} {r['handles']:>6} handles, {r['reads']:>6} reads, "
+                     f"{r['bytes'] / 2**20:5.2f} MiB ({r['bytes'] / full['bytes']:4.0%}), {r['seconds']:.2f} s"
+                     for label, r in (("live walk, gdbstub", full), ("--type Process, gdbstub", only)))
+
+
 def report(results: list[dict]) -> str:
     lines = []
     row = lambda label, cells: lines.append(f"{label:<34}" + "".join(f" {c:>32}" for c in cells))
@@ -292,7 +311,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--volatility-cap", type=float, default=3600,
                         help="seconds volatility3 may take; beyond, its time is a lower bound (ratios marked >=)")
+    parser.add_argument("--filtered", action="store_true",
+                        help="only the live stub walk and the --type Process walk (bytes, reads, time)")
     args = parser.parse_args()
+    if args.filtered:
+        results = [filtered_only(name) for name in args.scenarios]
+        print("\n".join(filtered_report(result) for result in results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return
     results = []
     for name in args.scenarios:               # each guest's figures as soon as they are known
         result = scenario(name, args.lookups, args.cold, args.volatility_cap)

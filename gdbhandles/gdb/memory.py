@@ -116,8 +116,15 @@ class GdbPhysical:
         raise UnreadablePage(paddr, "not guest RAM", physical=True)
 
     def read(self, paddr: int, size: int) -> bytes:
-        """Bytes at a physical address; a page at a time (one failing page names itself)."""
+        """Bytes at a physical address; a page at a time (one failing page names itself). Within
+        one page in an open session (most reads; a type pass makes ~28,000) it is one call: the
+        general path added ~15 us to each ~50 us round trip."""
         self._check(paddr, size)
+        if self._depth and (paddr & (PAGE - 1)) + size <= PAGE:
+            try:
+                return bytes(self.inferior.read_memory(paddr, size))
+            except gdb.MemoryError as exc:
+                raise UnreadablePage(paddr, physical=True) from exc
         with self.session():
             parts = []
             addr, end = paddr, paddr + size

@@ -29,11 +29,12 @@ from gdbhandles.windows.files import open_regular
 
 PAGE = 0x1000
 LINE = 0x200
-FINE = 8                   # bytes per piece of `prefetch_fine` (a header's TypeIndex..InfoMask fits one)
-# bytes `prefetch_fine` may read per piece, gaps included, when round trips cost: on `big` a
-# full walk reads ~270 bytes per object; 48 bridges the smallest gaps and takes the type pass
-# from 41,767 round trips to 27,833 while a --type walk stays under a third of the full walk's
-# bytes (56 would reach 33%, and 512-byte gaps read 81%)
+FINE = 4                   # bytes per piece of `prefetch_fine` (a header's TypeIndex..InfoMask, at +0x18, fits one)
+# bytes `prefetch_fine` may read per piece, gaps included, when round trips cost. The type pass
+# of a --type walk is the trade: on `big` (41,767 headers, a full walk reads ~270 bytes per
+# object) 4 per header costs 41,767 round trips, 48 bridges the smallest gaps in 27,074 and
+# keeps the walk at 30% of the full walk's bytes; 56 reaches 32.6% (no margin for the common
+# reads), 512-byte gaps 81%. The time this costs over the stub: README, Benchmark.
 FINE_SHARE = 48
 MAX_PIECES = 1 << 16       # pieces kept (a table page's headers are read right after they come)
 PFN_MASK = 0x000F_FFFF_FFFF_F000
