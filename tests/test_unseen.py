@@ -4,7 +4,7 @@ invariants checked before use, against truth.json (no QEMU).
 The builder's `--code-variants random` draws, per guest, one of several equivalent encodings of
 each exported function the engine reads (registers, cookie as xor/movzx/mov memory operand,
 RIP-relative or through a `lea` register, reordering, chunks reached by a jump, a worker behind
-a call and a tail jump, decoy loads).
+a call and a tail jump, decoy loads, KiSwapProcess's CR3 write in six forms).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from gdbhandles import render
 from gdbhandles.engine import Windows
-from gdbhandles.windows import disasm, file_check, layouts
+from gdbhandles.windows import disasm, file_check, infer_cpu, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy, short_names
@@ -64,7 +64,13 @@ def test_disassembly_finds_every_global_in_every_variant(profile):
             exported(image, read, "ObReferenceObjectByHandle"), 8))
         pid = disasm.field_reads(exported(image, read, "PsGetProcessId")[:1], ("arg", 0), 8)
         assert pid[0][0] == Layout(profile).off("_EPROCESS", "UniqueProcessId")
+        assert cr3_written(image, read)[0] == Layout(profile).off("_EPROCESS", "Pcb.DirectoryTableBase")
     assert len(forms) >= 6, forms
+
+
+def cr3_written(image, read):
+    """What the engine reads from KeStackAttachProcess -> KiAttachProcess -> KiSwapProcess."""
+    return infer_cpu.dtb_written(disasm.traces(read, BASE + image.exports["KeStackAttachProcess"], 2))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,8 @@ def test_varied_code_guests_equal_truth(guest, profile, layout):
     assert info.header_cookie == truth["header_cookie"]
     if layout == "infer":               # SeAuditProcessCreationInfo is not inferred
         truth = short_names(truth)
+        how = info.inferred["_EPROCESS.Pcb.DirectoryTableBase"]
+        assert how.startswith("0x28: code: KeStackAttachProcess") and "live:" in how, truth["code_forms"]
     check_processes(windows, truth)
     check_handles(windows, truth)
     assert all(passed for _, passed, _ in info.checks), info.checks
@@ -202,7 +210,7 @@ def test_a_global_not_located_is_named_with_its_cost(guest, tmp_path):
 
 def test_every_encoding_is_drawn_and_read():
     """Over enough seeds every form of every function appears, and each one is read right."""
-    from winguest.code_variants import COOKIE_FORMS
+    from winguest.code_variants import COOKIE_FORMS, SWAP_FORMS
     profile = next(p for _, p in all_profiles() if p["build"] == 19041)
     drawn = set()
     for seed in range(40):
@@ -212,7 +220,13 @@ def test_every_encoding_is_drawn_and_read():
         get_type = exported(image, read, "ObGetObjectType")
         assert first(disasm.constant_loads(get_type, 1)) == [BASE + image.symbols["ObHeaderCookie"]]
         assert first(disasm.indexed_tables(get_type, 8)) == [BASE + image.symbols["ObTypeIndexTable"]]
+        disp, at, bits = cr3_written(image, read)
+        assert disp == 0x28 and bits == image.code_forms["KiSwapProcess"].startswith("kpti"), image.code_forms
         drawn.update(f"{k}={v}" for k, v in image.code_forms.items())
+    swaps = [form.split("=")[1].split("+") for form in drawn if form.startswith("KiSwapProcess=")]
+    assert {parts[0] for parts in swaps} == set(SWAP_FORMS)
+    assert {part for parts in swaps for part in parts[1:]} == {"chunk", "inverted", "tail-jump"}
+    drawn = {form for form in drawn if not form.startswith("KiSwapProcess=")}
     shared = {form for form in drawn if form.endswith("+shared-epilogue")}
     assert {form.split("=")[0] for form in shared} == {"PspCidTable", "ObpKernelHandleTable"}
     drawn |= {form.removesuffix("+shared-epilogue") for form in shared}
@@ -299,10 +313,13 @@ def vcpu_registers(truth):
 
 
 def dtb_load(windows):
-    """Address of the instruction loading [process+DirectoryTableBase] on KeStackAttachProcess's path to CR3."""
+    """(address, length) of the instruction loading [process+DirectoryTableBase] on
+    KeStackAttachProcess's path to CR3 (in whichever form the guest drew)."""
     kernel = windows.kernel
     found = disasm.traces(kernel.space.read, kernel.base + kernel.image.exports["KeStackAttachProcess"], 2)
-    return next(a.at for t in found if t.cr3 for a in t.accesses if a.base == ("arg", 0) and a.disp == 0x28)
+    at = next(a.at for t in found if t.cr3 for a in t.accesses
+              if a.base and a.base[0] == "arg" and a.disp == 0x28 and not a.lea)
+    return at, next(len(i.bytes) for i in disasm._engine.disasm(kernel.space.read(at, 16), at))
 
 
 def test_directory_table_base_two_ways_and_their_disagreement(guest, tmp_path):
@@ -312,9 +329,9 @@ def test_directory_table_base_two_ways_and_their_disagreement(guest, tmp_path):
     how = windows.info().inferred["_EPROCESS.Pcb.DirectoryTableBase"]
     assert how.startswith("0x28: code: KeStackAttachProcess -> CR3 written at") and "live: the only slot" in how
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
-    at = dtb_load(windows)                          # mov rax, [rcx+28h]: its displacement byte made 30h
-    assert space.read(at, 4) == bytes.fromhex("488b4128")
-    copy = patched_copy(dump, tmp_path / "wrongdtb.raw", {space.translate(at + 3): b"\x30"})
+    at, size = dtb_load(windows)                    # mov rax, [rcx+28h] (or another form): disp8 made 30h
+    assert space.read(at + size - 1, 1) == b"\x28"
+    copy = patched_copy(dump, tmp_path / "wrongdtb.raw", {space.translate(at + size - 1): b"\x30"})
     windows = Windows.open(DumpFile(copy), layout="infer")
     info = windows.info()
     [check] = [c for c in info.checks if c[0].startswith("_EPROCESS.Pcb.DirectoryTableBase")]

@@ -25,9 +25,11 @@ MAX_BLOCKS = 32
 FOLLOW_CALLS = 4            # direct callees traced besides the function itself
 ARGUMENTS = ("rcx", "rdx", "r8", "r9")
 VOLATILE = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11")
+BIT_OPS = ("or", "and", "bts", "btr")     # flag bits set in a value (a page-table root's no-flush bit, PCID)
 
 Reader = Callable[[int, int], bytes]
 # Symbolic values: ("arg", n) | ("gs", offset) | ("addr", va) | ("load", value, disp) | ("ptr", value, disp)
+# | ("bits", value): a value with bits set or cleared by or/and/bts/btr
 Value = tuple
 
 
@@ -200,6 +202,9 @@ def _result(insn, regs: dict, accesses: list[Access]) -> Value | None:
     if name == "xor" and len(ops) == 2 and all(o.type == x86.X86_OP_REG for o in ops) \
             and ops[0].reg == ops[1].reg:
         return ("zero",)
+    if name in BIT_OPS and len(ops) == 2 and ops[0].type == x86.X86_OP_REG and ops[0].size == 8:
+        kept = regs.get(CANONICAL.get(ops[0].reg))
+        return None if kept is None else ("bits", kept)
     if name not in ("mov", "movzx", "lea") or not accesses:
         return None
     access = accesses[0]

@@ -19,7 +19,7 @@ from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.kpcr import vcpu_kpcr
 from gdbhandles.windows.memory import PFN_MASK
 
-__all__ = ["dtb_first_way", "check_dtb", "check_current_thread"]
+__all__ = ["dtb_written", "dtb_first_way", "check_dtb", "check_current_thread"]
 
 DTB_SCAN = 0x100            # bytes of _KPROCESS searched: DirectoryTableBase is in its header part
 KPCR_SCAN = 0x400           # bytes of _KPCR searched: Prcb.CurrentThread is near Prcb's start
@@ -28,12 +28,27 @@ THREAD_OBJECT = 6           # _DISPATCHER_HEADER.Type of a thread
 CURRENT_THREAD_CODE = ("KeGetCurrentThread", "PsGetCurrentThread")
 
 
+def dtb_written(found: list[disasm.Trace]) -> tuple[int, int, bool] | None:
+    """(displacement, CR3 write's address, whether flag bits were set on the way) of the first CR3
+    write whose value was loaded from a field of an argument (the process), in the header part of
+    _KPROCESS; writes of anything else (the Prcb's kernel root under KVA shadowing) are skipped."""
+    for value, at in disasm.cr3_writes(found):
+        bits = False
+        while value and value[0] == "bits":
+            value, bits = value[1], True
+        if value and value[0] == "load" and value[1][0] == "arg" and 0 <= value[2] < DTB_SCAN:
+            return value[2], at, bits
+    return None
+
+
 def dtb_first_way(kernel: Kernel) -> tuple[int, str] | None:
     """DirectoryTableBase from the code that writes it to CR3, else from every shipped layout."""
     for function, found in exported_code(kernel, "KeStackAttachProcess", "KeAttachProcess", depth=2):
-        for value, at in disasm.cr3_writes(found):
-            if value and value[0] == "load" and value[1][0] == "arg" and 0 <= value[2] < DTB_SCAN:
-                return value[2], f"code: {function} -> CR3 written at {at:#x} from [process+{value[2]:#x}]"
+        written = dtb_written(found)
+        if written:
+            disp, at, bits = written
+            return disp, (f"code: {function} -> CR3 written at {at:#x} from [process+{disp:#x}]"
+                          + (" with flag bits set" if bits else ""))
     offsets = {layouts.ProfileLayout(p, "", None).offset("_EPROCESS", "Pcb.DirectoryTableBase")
                for p in layouts.shipped_profiles()}
     if len(offsets) == 1:

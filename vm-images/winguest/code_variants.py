@@ -3,7 +3,8 @@
 Real ntoskrnl builds compile the same C in other ways: other registers, the cookie byte as the
 memory operand of an `xor`, a `lea` of a global and a load through that register, independent
 instructions in another order, the work in a worker reached by a call or a tail jump, a body
-ending in a jump to a shared epilogue. One form per function is drawn from the guest's rng.
+ending in a jump to a shared epilogue, a CR3 write after KVA shadowing's extra work. One form
+per function is drawn from the guest's rng.
 
 Templates name registers %A (64-bit), %A32 and %A8; `fill` substitutes a random allocation.
 {Symbol} and {off:Struct.Field} are left for kernel_image's assembler.
@@ -160,3 +161,72 @@ def accessors(rng: random.Random | None) -> dict[str, str]:
         "PsGetThreadProcessId": accessor(rng, "_ETHREAD.Cid"),
         "PsGetThreadProcess": accessor(rng, "_KTHREAD.Process"),
     }
+
+
+# ---- KiAttachProcess -> KiSwapProcess: the process's DirectoryTableBase written to CR3 ----------
+
+DTB = "{off:_EPROCESS.Pcb.DirectoryTableBase}"
+SWAP_FORMS = ("plain", "regs", "copy", "reordered", "kpti", "nonvolatile")
+
+
+def swap_process(rng: random.Random) -> tuple[dict[str, str], str]:
+    """(functions, form name): KiAttachProcess (rcx = thread, rdx = process, r8 = saved state) and
+    KiSwapProcess (rcx = new process), which writes the new process's DirectoryTableBase to CR3.
+    Forms: another register for the root or for the process, the load first and the Prcb after,
+    KVA shadowing's extra work (the root stored in the Prcb, the user root read beside it, the
+    no-flush bit set, a path writing the Prcb's kernel root instead), the root kept in a
+    non-volatile register across a call; the write reached by an inverted branch or in a chunk;
+    KiAttachProcess reaching KiSwapProcess by a tail jump."""
+    form = rng.choice(SWAP_FORMS)
+    nonvolatile = form == "nonvolatile"
+    regs = {"D": rng.choice(["rbx", "rsi", "rdi"]) if nonvolatile else
+            "rax" if form == "plain" else rng.choice(["rax", "rdx", "r9", "r10", "r11"])}
+    regs["P"] = rng.choice([r for r in ("r9", "r10", "r11") if r != regs["D"]]) if form == "copy" else "rcx"
+    regs["G"] = rng.choice([r for r in ("r8", "rdx", "r9", "r10", "r11") if r not in regs.values()])
+    regs["U"] = rng.choice([r for r in ("rax", "rdx", "r9", "r10", "r11") if r not in regs.values()])
+    functions = {}
+    body, rootless, leave = _swap_body(rng, form)
+    if form == "nonvolatile":
+        functions["KiFlushProcessWriteBuffers"] = lines(["mfence", "ret"])
+    write = (["bts %D, 3Fh"] if form == "kpti" else []) + ["mov cr3, %D"] + leave + ["ret"]
+    if rng.random() < 0.3:                          # the write in a chunk of its own
+        functions["KiSwapProcessChunk"] = fill(lines(write), regs)
+        write = ["jmp {KiSwapProcessChunk}"]
+        form += "+chunk"
+    if rng.random() < 0.5:
+        code = body + ["test %D, %D", "jnz .write"] + rootless + leave + ["ret", ".write:"] + write
+        form += "+inverted"
+    else:
+        code = body + ["test %D, %D", "jz .done"] + write + [".done:"] + rootless + leave + ["ret"]
+    functions["KiSwapProcess"] = fill(lines(code), regs)
+    functions["KiAttachProcess"], tail_jump = attach_process(rng)
+    return functions, form + ("+tail-jump" if tail_jump else "")
+
+
+def _swap_body(rng: random.Random, form: str) -> tuple[list[str], list[str], list[str]]:
+    """(lines up to the test of the root in %D, what the path without a process root runs, the
+    epilogue before each ret)."""
+    prcb, load = ["mov %G, [gs:20h]"], [f"mov %D, [%P + {DTB}]"]
+    copy = ["mov %P, rcx"] if form == "copy" else []
+    if form == "reordered":
+        return copy + load + prcb + ["mov [%G + 7E8h], %D"], [], []
+    if form == "kpti":
+        user = ["mov %U, [%P + 280h]", "mov [%G + 9008h], %U"]
+        return load + _merge(rng, [prcb + ["mov [%G + 9000h], %D"], user]), \
+            ["mov %U, [%G + 9000h]", "mov cr3, %U"], []
+    if form == "nonvolatile":
+        return ["push %D"] + load + ["sub rsp, 20h", "call {KiFlushProcessWriteBuffers}", "add rsp, 20h"], \
+            [], ["pop %D"]
+    return prcb + copy + load, [], []
+
+
+def attach_process(rng: random.Random | None) -> tuple[str, bool]:
+    """KiAttachProcess: the thread's ApcState.Process saved and set, then KiSwapProcess(new, old)
+    by a call or (drawn) a tail jump; (source, whether it tail-jumps)."""
+    old = rng.choice(["r9", "r10", "r11", "rax"]) if rng else "r9"
+    switch = [f"mov {old}, [rcx + {{off:_KTHREAD.ApcState.Process}}]", f"mov [r8 + 20h], {old}",
+              "mov [rcx + {off:_KTHREAD.ApcState.Process}], rdx", "mov rcx, rdx", f"mov rdx, {old}"]
+    if rng is not None and rng.random() < 0.4:
+        return lines(switch + ["jmp {KiSwapProcess}"]), True
+    return lines(["push rbx", "sub rsp, 20h", "mov rbx, rcx"] + switch +
+                 ["call {KiSwapProcess}", "add rsp, 20h", "pop rbx", "ret"]), False

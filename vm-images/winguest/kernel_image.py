@@ -125,19 +125,7 @@ def _attach(L: Layout) -> dict[str, str]:
     mov rbx, [rsp + 40h]
     add rsp, 30h
     pop rdi
-    ret""", "KiAttachProcess": """
-    push rbx
-    sub rsp, 20h
-    mov rbx, rcx                         ; rcx = thread, rdx = process, r8 = saved state
-    mov r9, [rcx + {off:_KTHREAD.ApcState.Process}]
-    mov [r8 + 20h], r9
-    mov [rcx + {off:_KTHREAD.ApcState.Process}], rdx
-    mov rcx, rdx
-    mov rdx, r9
-    call {KiSwapProcess}
-    add rsp, 20h
-    pop rbx
-    ret""", "KiSwapProcess": """
+    ret""", "KiAttachProcess": variants.attach_process(None)[0], "KiSwapProcess": """
     mov r8, [gs:20h]                     ; rcx = new process, rdx = old; KPCR.CurrentPrcb
     mov rax, [rcx + {off:_EPROCESS.Pcb.DirectoryTableBase}]
     test rax, rax
@@ -384,6 +372,9 @@ def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = 
     f["KiGuestChurn"] = CHURN
     f["KiGuestLeak"] = LEAK
     f["KiGuestLeakStep"] = LEAK_STEP
+    if rng:                     # drawn last, so the other functions' draws stay what they were
+        swap, forms["KiSwapProcess"] = variants.swap_process(rng)
+        f.update(swap)
     return f
 
 
