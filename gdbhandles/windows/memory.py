@@ -31,11 +31,12 @@ PAGE = 0x1000
 LINE = 0x200
 FINE = 4                   # bytes per piece of `prefetch_fine` (a header's TypeIndex..InfoMask, at +0x18, fits one)
 # bytes `prefetch_fine` may read per piece, gaps included, when round trips cost. The type pass
-# of a --type walk is the trade: on `big` (41,767 headers, a full walk reads ~270 bytes per
-# object) 4 per header costs 41,767 round trips, 48 bridges the smallest gaps in 27,074 and
-# keeps the walk at 30% of the full walk's bytes; 56 reaches 32.6% (no margin for the common
-# reads), 512-byte gaps 81%. The time this costs over the stub: README, Benchmark.
-FINE_SHARE = 48
+# of a --type walk is the trade: 4 per header costs a round trip per header; 24 bridges the
+# smallest gaps (round trips: big 33,950 for 41,767 headers, huge 189,950 for 232,182) and
+# keeps the walk within a third of the full walk's bytes where table pages are a fifth of
+# them (huge: 30.0%; 32 reaches 32.4%, 48 37%; 512-byte gaps read 81% on big, 86% on huge).
+# The time this costs over the stub: README, Benchmark.
+FINE_SHARE = 24
 MAX_PIECES = 1 << 16       # pieces kept (a table page's headers are read right after they come)
 PFN_MASK = 0x000F_FFFF_FFFF_F000
 MASK64 = (1 << 64) - 1      # a 64-bit register or pointer, the one definition
