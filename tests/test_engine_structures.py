@@ -78,7 +78,7 @@ def test_a_layout_without_the_audit_name_shows_15_byte_names(built_guest, tmp_pa
 def test_type_filter_reads_a_third_of_the_full_walk(built_guest):
     """Entries, headers and types first, names only for the survivors: beyond the table pages
     that both read, a --type Process walk of the big guest reads at most a third of the bytes of
-    the full walk (from the dump). (With the table pages, it is 40%: README, Benchmark.)"""
+    the full walk (from the dump). (Table pages included, over a costly wire: the next test.)"""
     directory = built_guest("19041", "big")
     read = {}
     for label, filters in (("full", {}), ("Process", {"type": "Process"})):
