@@ -33,6 +33,7 @@ __all__ = ["Windows", "Progress"]
 
 CURRENT_PROCESS, CURRENT_THREAD = MASK64, MASK64 - 1
 KERNEL_HANDLE_BIT = 0x80000000
+TABLE_READS = 4          # a lookup brings its whole table when that costs at most this many reads
 UNTYPED_MIN, UNTYPED_SHARE = 8, 20      # warn from 8 untyped objects and more than 1 in 20
 UNNAMED_MIN, UNNAMED_SHARE = 8, 20      # the same for names that fail to decode
 STATUS_TEXT = {
@@ -94,6 +95,7 @@ class Windows:
         self.names = Names(kernel, self.headers, lambda eprocess: self.process_at(eprocess).label)
         self.warnings: list[WalkWarning] = []
         self.process_list = ProcessList(kernel)
+        self.tables: dict[int, HandleTable] = {}      # per _HANDLE_TABLE address: one per process
         self._noted = False                      # process_list's notes are in self.warnings
 
     @classmethod
@@ -153,7 +155,11 @@ class Windows:
         return self.process_at(body)
 
     def _table(self, address: int) -> HandleTable:
-        return HandleTable(self.kernel.space, self.kernel.layout, address)
+        """The _HANDLE_TABLE at `address`, its header read once per stop."""
+        table = self.tables.get(address)
+        if table is None:
+            table = self.tables[address] = HandleTable(self.kernel.space, self.kernel.layout, address)
+        return table
 
     def processes(self) -> list[ProcessRecord]:
         return [self._process_record(p) for p in self._processes()]
@@ -353,6 +359,7 @@ class Windows:
         if not process.table:
             raise NoHandleTable(_no_table(process))
         table = self._table(process.table)
+        table.read_pages(TABLE_READS)
         status, entry, path = table.lookup(value)
         record = LookupRecord(process.pid, process.name, value & ~3, status, table=table.address,
                               levels=table.levels, path=path, entry=entry.address if entry else None,
@@ -362,7 +369,7 @@ class Windows:
             if status is LookupStatus.PAST_END:
                 detail += f" (NextHandleNeedingPool {table.next_handle_needing_pool:#x})"
             raise BadHandle(f"handle {value & ~3:#x} of {process.label} {detail}", record)
-        self.names.prefetch_objects([entry.header])        # header, name info and body fields: one read
+        self.names.prefetch_one(entry.header)
         try:
             header = self.headers.read(entry.header)
         except HandleError as exc:

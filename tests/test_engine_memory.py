@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from gdbhandles.errors import UnreadablePage
-from gdbhandles.windows.memory import FINE, FINE_SHARE, LINE, AddressSpace, DumpFile, PhysicalMemory
+from gdbhandles.windows.memory import FINE, FINE_SHARE, LINE, PAGE, AddressSpace, DumpFile, PhysicalMemory
 
 P, W, LARGE, TRANSITION, PROTOTYPE = 1, 2, 0x80, 0x800, 0x400
 
@@ -98,11 +98,13 @@ def test_cache_and_statistics(ram):
     s = AddressSpace(phys, 0x1000)
     s.read(BASE, 8)
     first = phys.stats.round_trips
-    assert first == 5          # PML4E, PDPTE, PDE, PTE lines, then the data line
+    assert first == 5          # PML4E, PDPTE, PDE lines, the whole page table, then the data line
     s.read(BASE + 16, 8)       # same line, page already translated
     assert phys.stats.round_trips == first
     assert phys.stats.cache_hits >= 1
-    assert phys.stats.bytes == first * LINE
+    assert phys.stats.bytes == 4 * LINE + PAGE
+    s.read(BASE + 0x1000, 8)   # the next page of the 2 MiB region: its PTE came with the page table
+    assert phys.stats.round_trips == first + 1
 
 
 def test_adjacent_missing_lines_come_in_one_read(ram):

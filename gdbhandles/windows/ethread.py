@@ -15,7 +15,10 @@ class ClientId(Struct):
 class EThread(Struct):
     NAME = "_ETHREAD"
 
+    def thread_id_address(self, ethread: int) -> int:
+        """Where `Cid.UniqueThread` is: far into the body (0x480 on 19041)."""
+        return ethread + self.offset("Cid") + ClientId.of(self.layout).offset("UniqueThread")
+
     def thread_id(self, space: AddressSpace, ethread: int) -> int:
         """`Cid.UniqueThread`: the thread id (the same number space as process ids)."""
-        cid = self.offset("Cid") + ClientId.of(self.layout).offset("UniqueThread")
-        return space.u64(ethread + cid)
+        return space.u64(self.thread_id_address(ethread))

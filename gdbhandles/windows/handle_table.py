@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from gdbhandles.errors import CorruptTable, HandleError
 from gdbhandles.windows.layouts import Field, Layout
-from gdbhandles.windows.memory import MASK64, AddressSpace
+from gdbhandles.windows.memory import MASK64, MAX_RUN, PAGE, AddressSpace
 from gdbhandles.windows.structure import Struct
 from gdbhandles.windows.table_damage import LEVEL_NAME, Problem, TableDamage
 
@@ -185,6 +185,7 @@ class HandleTable:
             raise CorruptTable(f"{here}: NextHandleNeedingPool {self.next_handle_needing_pool:#x} is not a "
                                "handle bound: its handles cannot be listed")
         self.capacity = LOW_COUNT * MID_COUNT ** self.levels * HANDLE_STEP
+        self.pages_read = False              # read_pages ran (its pages are in the cache)
         self.bound_problem = None
         if self.next_handle_needing_pool > self.capacity:
             self.bound_problem = (f"{here}: NextHandleNeedingPool {self.next_handle_needing_pool:#x} is past what "
@@ -304,6 +305,17 @@ class HandleTable:
     def count(self) -> int:
         """Entries that hold an object."""
         return self.census()[0]
+
+    def read_pages(self, most: int) -> None:
+        """Bring every low-level page into the cache, once, when that takes at most `most` backend
+        reads besides the page walks (at most `most` x 64 KiB): later lookups in the table then
+        read no table page. A bigger or scattered table is left to be read page by page."""
+        if self.pages_read:
+            return
+        self.pages_read = True
+        if -(-self.slots // LOW_COUNT) > most * (MAX_RUN // PAGE):
+            return
+        self.space.prefetch([(page, PAGE) for _, page, _ in self.low_pages()], most=most)
 
     def lookup(self, handle: int) -> tuple[LookupStatus, Entry | None, list[TableStep]]:
         """(status, entry, path) of a handle value, as ExpLookupHandleTableEntry finds it;

@@ -116,22 +116,20 @@ class PhysicalMemory:
             for i in range(n):
                 self.lines[address + i * LINE] = data[i * LINE:(i + 1) * LINE]
 
-    def _ensure(self, wanted: list[int]) -> bool:
-        """Fetch the missing lines among sorted line addresses; True if none was missing."""
+    def _ensure(self, wanted: list[int], most: int | None = None) -> bool:
+        """Fetch the missing lines among sorted line addresses; True if none was missing. With
+        `most`, fetch nothing when that would take more than `most` backend reads."""
         missing = [line for line in wanted if line not in self.lines]
         if not missing:
             return True
         if len(self.lines) + len(missing) > MAX_LINES:
             self.lines.clear()
             missing = wanted
-        run_start = previous = missing[0]
-        for line in missing[1:] + [None]:
-            if line is not None and line - previous <= (MERGE_GAP + 1) * LINE:
-                previous = line
-                continue
-            self._fetch(run_start, (previous - run_start) // LINE + 1)
-            if line is not None:
-                run_start = previous = line
+        runs = _runs(missing)
+        if most is not None and sum(-(-count * LINE // MAX_RUN) for _, count in runs) > most:
+            return False
+        for first, count in runs:
+            self._fetch(first, count)
         return False
 
     def read(self, paddr: int, size: int) -> bytes:
@@ -164,8 +162,9 @@ class PhysicalMemory:
         self.stats.bytes += len(data)
         return data
 
-    def prefetch(self, ranges: list[tuple[int, int]]) -> None:
-        """Bring many (paddr, size) ranges into the cache with few backend reads."""
+    def prefetch(self, ranges: list[tuple[int, int]], most: int | None = None) -> None:
+        """Bring many (paddr, size) ranges into the cache with few backend reads; with `most`,
+        only if that takes at most `most` reads (else nothing is read)."""
         wanted = set()
         for paddr, size in ranges:
             first = paddr - paddr % LINE
@@ -174,7 +173,7 @@ class PhysicalMemory:
             else:
                 wanted.update(range(first, paddr + size, LINE))
         if wanted:
-            self._ensure(sorted(wanted))
+            self._ensure(sorted(wanted), most)
 
     def prefetch_fine(self, ranges: list[tuple[int, int]]) -> None:
         """Bring many small (paddr, size) ranges into the cache as FINE-byte pieces, in the
@@ -214,6 +213,20 @@ class PhysicalMemory:
         return runs
 
 
+def _runs(lines: list[int]) -> list[tuple[int, int]]:
+    """(first line, count) of each run of sorted line addresses, lines at most MERGE_GAP apart
+    joined (reading an unneeded line is cheaper than a round trip)."""
+    runs: list[tuple[int, int]] = []
+    start = previous = lines[0]
+    for line in lines[1:]:
+        if line - previous > (MERGE_GAP + 1) * LINE:
+            runs.append((start, (previous - start) // LINE + 1))
+            start = line
+        previous = line
+    runs.append((start, (previous - start) // LINE + 1))
+    return runs
+
+
 def _transition(entry: int) -> bool:
     """A page Windows has taken off the working set but not yet reused: its frame is valid."""
     return bool(entry & TRANSITION and not entry & PROTOTYPE and entry & PFN_MASK)
@@ -235,7 +248,8 @@ class AddressSpace:
 
     def _walk(self, va: int) -> int:
         """The physical address of va's page (4 KiB base), or UnreadablePage. The page table of
-        each 2 MiB region is remembered, so a new page costs one read, not four."""
+        each 2 MiB region is remembered and read whole when first met (one read, the same round
+        trip as one line of it), so the other pages of the region cost no read."""
         if not canonical(va):
             raise UnreadablePage(va, "not a canonical address")
         table = self._page_tables.get(va >> 21)
@@ -244,6 +258,7 @@ class AddressSpace:
             if large:
                 return table
             self._page_tables[va >> 21] = table
+            self.phys.prefetch([(table, PAGE)])
         entry = self.phys.u64(table + ((va >> 12) & 0x1FF) * 8)
         if not entry & PRESENT and not _transition(entry):
             raise UnreadablePage(va, f"paged out: PTE {entry:#x}" if entry else "page")
@@ -297,9 +312,10 @@ class AddressSpace:
     def u64(self, va: int) -> int:
         return struct.unpack("<Q", self.read(va, 8))[0]
 
-    def prefetch(self, ranges: list[tuple[int, int]], fine: bool = False) -> None:
-        """Cache many small virtual ranges in few reads (in FINE pieces if `fine`); unmapped
-        ones are left to fail later."""
+    def prefetch(self, ranges: list[tuple[int, int]], fine: bool = False, most: int | None = None) -> None:
+        """Cache many small virtual ranges in few reads (in FINE pieces if `fine`; with `most`,
+        only if that takes at most `most` reads besides the page walks); unmapped ones are
+        left to fail later."""
         physical, pages = [], self._pages
         for va, size in ranges:
             end = va + size
@@ -315,7 +331,10 @@ class AddressSpace:
                         continue
                 physical.append((base | offset, chunk))
                 va += chunk
-        (self.phys.prefetch_fine if fine else self.phys.prefetch)(physical)
+        if fine:
+            self.phys.prefetch_fine(physical)
+        else:
+            self.phys.prefetch(physical, most)
 
     def mapped_pages(self, start: int, end: int):
         """Yield (va, size) of every mapped page or large page in [start, end), in order."""

@@ -17,6 +17,7 @@ from gdbhandles.windows import file_check
 from gdbhandles.windows.ethread import EThread
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.kernel import Kernel
+from gdbhandles.windows.memory import PAGE
 from gdbhandles.windows.object_header import MAX_DECODED, NAME_INFO_BIT, Header, Headers, ObjectHeaderNameInfo
 from gdbhandles.windows.registry_key import key_path
 from gdbhandles.windows.unicode_string import UnicodeString
@@ -55,6 +56,7 @@ class Names:
         self.decoded: dict[int, str | None] = {}
         self.name_info_struct = ObjectHeaderNameInfo.of(kernel.layout)
         self.files = FileObject.of(kernel.layout)
+        self.threads = EThread.of(kernel.layout)
         self.strings = UnicodeString.of(kernel.layout)
         self.extents: dict[int, tuple[int, int] | None] = {}     # strings measured by prefetch
 
@@ -90,7 +92,7 @@ class Names:
         if source is NameSource.PROCESS:
             return self.process_label(body)
         if source is NameSource.THREAD:
-            return str(EThread.of(layout).thread_id(space, body))
+            return str(self.threads.thread_id(space, body))
         return None
 
     def key_name(self, body: int) -> str:
@@ -154,6 +156,27 @@ class Names:
         header itself, the body fields) into the cache in few reads."""
         reach = NAME_REACH + self.headers.struct.body_offset() + BODY_REACH
         self.kernel.space.prefetch([(header - NAME_REACH, reach) for header in headers])
+
+    def prefetch_one(self, header: int) -> None:
+        """For one lookup, in as few reads as the object has pages: the header's neighbourhood on
+        the header's own page first (its type), then what its name rule reads there (name info,
+        the body's first fields, or a thread's Cid far into the body), then the name's characters."""
+        space, page = self.kernel.space, header & ~(PAGE - 1)
+        start, end = header - NAME_REACH, header + self.headers.struct.body_offset() + BODY_REACH
+        space.prefetch([(max(start, page), min(end, page + PAGE) - max(start, page))])
+        try:
+            found = self.headers.read(header)
+        except HandleError:
+            return                     # the lookup says so
+        source = self.source(found)
+        if source is NameSource.NAME_INFO:
+            info = self.headers.name_info(found)
+            space.prefetch([(info, header - info)])
+        elif source is NameSource.THREAD:
+            space.prefetch([(self.threads.thread_id_address(found.body), 8)])
+        elif source is not NameSource.NONE:
+            space.prefetch([(found.body, BODY_REACH)])
+        self.prefetch([found], objects=False)
 
     def prefetch(self, headers: list[Header], objects: bool = True) -> None:
         """Bring the name-info headers and body fields (unless `objects` is False: already
