@@ -9,7 +9,7 @@ import pytest
 
 from gdbhandles.engine import Windows
 from gdbhandles.errors import ProcessNotFound
-from gdbhandles.windows.memory import DumpFile
+from gdbhandles.windows.memory import MAX_PIECES, DumpFile
 
 from test_engine_guests import short_names
 
@@ -116,6 +116,7 @@ def test_type_filter_over_a_costly_wire_reads_a_third_in_fewer_trips_than_header
         before = (stats.bytes, stats.round_trips)
         records = [r.to_json() for r in windows.walk(**filters)]
         read[label] = (stats.bytes - before[0], stats.round_trips - before[1], records)
+        assert len(windows.kernel.phys.pieces) <= MAX_PIECES
     assert read["Process"][2] == [h for h in truth["handles"] if h["type"] == "Process"]
     assert len(read["full"][2]) == len(truth["handles"])
     assert read["Process"][0] * 3 <= read["full"][0], read["Process"][:2]
