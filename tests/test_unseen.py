@@ -101,7 +101,8 @@ def test_infer_mode_equals_truth_on_every_profile(guest, profile):
 def file_check_ran(info):
     """The _FILE_OBJECT check ran on live File objects (a layout not shipped for this GUID)."""
     [(_, passed, detail)] = [c for c in info.checks if c[0] == file_check.CHECK_NAME]
-    return passed and detail.startswith("16 File objects, 16 with a name")
+    return passed and detail.startswith("16 File objects (the first at 0xffff") and \
+        "), 16 with a name at FileName (+0x58)" in detail
 
 
 @pytest.mark.parametrize("profile", ["7601", "9200", "9600", "10586", "14393", "17763", "19041", "22000",
@@ -282,7 +283,8 @@ def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_n
     assert others == [h for h in truth["handles"] if h["type"] != "File"]
     [warning] = windows.warnings
     assert warning.message.startswith("File names unknown: _FILE_OBJECT of the layout (") and \
-        "does not fit this kernel: 16 File objects" in warning.message
+        "does not fit this kernel: 16 File objects (the first at 0xffff" in warning.message
+    assert f"with a name at FileName (+{0x58 + delta if member == 'FileName' else 0x58:#x})" in warning.message
     assert "set handle profile FILE" in warning.message and "--profile FILE" in warning.message
     [check] = [c for c in windows.info().checks if c[0] == file_check.CHECK_NAME]
     assert not check[1] and check[2] in warning.message, check

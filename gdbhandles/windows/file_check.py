@@ -63,7 +63,8 @@ def _check(kernel: Kernel, headers: Headers) -> Check:
         named += has_name
         if wrong:
             broken.append(f"{body:#x}: {wrong}")
-    detail = f"{len(files)} File objects, {named} with a name"
+    offset = FileObject.of(kernel.layout).offset("FileName")
+    detail = f"{len(files)} File objects (the first at {files[0]:#x}), {named} with a name at FileName (+{offset:#x})"
     short = named * NAMED_SHARE < len(files)
     if short:
         detail += f" (fewer than 1 in {NAMED_SHARE}: FileName is not where the layout says)"
