@@ -8,6 +8,7 @@ a call and a tail jump, decoy loads, KiSwapProcess's CR3 write in six forms).
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -15,7 +16,7 @@ import pytest
 
 from gdbhandles import render
 from gdbhandles.engine import Windows
-from gdbhandles.windows import disasm, file_check, infer_cpu, layouts
+from gdbhandles.windows import disasm, file_check, infer, infer_cpu, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory
 
 from test_engine_guests import check_handles, check_lookups, check_processes, cli, patched_copy, short_names
@@ -288,6 +289,29 @@ def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_n
     assert "set handle profile FILE" in warning.message and "--profile FILE" in warning.message
     [check] = [c for c in windows.info().checks if c[0] == file_check.CHECK_NAME]
     assert not check[1] and check[2] in warning.message, check
+
+
+def test_an_inferred_layout_whose_file_object_does_not_fit_is_caught(guest, monkeypatch):
+    """`future`: the _FILE_OBJECT the inference borrows from the nearest shipped layout, with
+    FileName moved onto CurrentByteOffset, is caught on live data like a user's ISF is."""
+    directory, truth = guest("future")
+    nearest = infer.nearest_base
+
+    def moved(build):
+        base = nearest(build)
+        profile = copy.deepcopy(base.profile)
+        profile["structs"]["_FILE_OBJECT"]["fields"]["FileName"]["offset"] += 0x10
+        return layouts.ProfileLayout(profile, base.source, None)
+    monkeypatch.setattr(infer, "nearest_base", moved)
+    windows = Windows.open(DumpFile(directory / "memory.raw"))
+    info = windows.info()
+    assert info.profile.startswith("inferred")
+    [check] = [c for c in info.checks if c[0] == file_check.CHECK_NAME]
+    assert not check[1] and "0 with a name at FileName (+0x68)" in check[2]
+    files = [r.to_json() for r in windows.walk() if r.type == "File"]
+    assert files and all(r["name"] is None and r["problems"] for r in files)
+    [warning] = [w.message for w in windows.warnings if w.message.startswith("File names unknown")]
+    assert "_FILE_OBJECT of the layout (inferred" in warning and "set handle profile FILE" in warning
 
 
 def test_the_file_object_check_runs_only_when_the_layout_is_not_the_kernels_own(guest):
