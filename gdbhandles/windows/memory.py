@@ -5,14 +5,14 @@ be scanned whole, one with `round_trip_bytes` says what a read request costs ove
 Over QEMU's gdbstub a round trip costs ~0.06 ms plus ~0.23 ms per 2 KiB, so reads are
 cached in 512-byte lines (about the bytes one round trip is worth), missing lines that are
 adjacent are fetched in one backend read, and `prefetch` gathers many small ranges into
-few reads. `prefetch_fine` reads 8-byte pieces instead, for a few bytes each of many
+few reads. `prefetch_fine` reads 4-byte pieces instead, for a few bytes each of many
 scattered structures (a type-filtered walk reads 3 bytes of each object header, and whole
 lines around them would be mostly bytes never used); over a costly wire it bridges the
 smallest gaps between pieces first, within a byte budget per piece. Page walks follow
 Windows: 4 levels, 1 GiB/2 MiB pages, transition entries (bit 11 set, bit 10 clear, not
 present) still name their page.
 
-About 310 lines: the backends, the line cache and the page walk are one read path (every
+About 360 lines: the backends, the line cache and the page walk are one read path (every
 engine read goes through all three), kept together so its hot loop reads in one place.
 """
 
