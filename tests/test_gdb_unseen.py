@@ -29,11 +29,11 @@ def test_future_walk_ps_lookup_equal_truth(future):
 def test_future_info_lists_inferred_offsets_and_checks(future):
     text = future.gdb.console("handle info")
     assert "inferred from the kernel's code and live data" in text
-    for name in ("_EPROCESS.UniqueProcessId", "_EPROCESS.ObjectTable", "_ETHREAD.Cid", "_KTHREAD.ApcState.Process",
-                 "_CM_KEY_CONTROL_BLOCK.NameBlock"):
+    for name in ("_EPROCESS.UniqueProcessId", "_EPROCESS.ObjectTable", "_ETHREAD.Cid", "_KTHREAD.ApcState.Process"):
         assert name in text, name
     assert "FAILED" not in text
-    for name in ("_KPCR.Prcb.CurrentThread", "_EPROCESS.Pcb.DirectoryTableBase"):   # two ways each, live
+    for name in ("_KPCR.Prcb.CurrentThread", "_EPROCESS.Pcb.DirectoryTableBase", "_CM_KEY_CONTROL_BLOCK.ParentKcb",
+                 "_CM_KEY_CONTROL_BLOCK.NameBlock"):                                # two ways each, live
         line = next(line for line in text.splitlines() if line.strip().startswith(name))
         assert "code:" in line and "live:" in line, line
     checks = next(line for line in text.splitlines() if line.startswith("checks"))

@@ -77,7 +77,7 @@ def test_symbols_sit_at_the_profile_rvas_in_fitting_sections(kernel):
                 assert image.symbols[name] == value["rva"], name
     for name, rva in image.symbols.items():
         ch = section_of(h, rva)[3]
-        code = name.startswith(("Ps", "Ob", "Ki", "Ke", "Io", "Ex")) and name not in (
+        code = name.startswith(("Ps", "Ob", "Ki", "Ke", "Io", "Ex", "Cm")) and name not in (
             "PsActiveProcessHead", "PspCidTable", "ObpKernelHandleTable", "ObTypeIndexTable", "ObHeaderCookie",
             "ObpInfoMaskToOffset", "PsInitialSystemProcess", "KiKvaShadow", "ObpRootDirectoryObject",
             "ObpTypeObjectType", "PsLoadedModuleList", "KiGuestChurnParameters", "KiGuestLeakParameters")

@@ -31,7 +31,8 @@ INFERRED = ("_EPROCESS.UniqueProcessId", "_EPROCESS.ActiveProcessLinks", "_EPROC
             "_KTHREAD.ApcState.Process", "_KPCR.Prcb.CurrentThread")
 
 BOTH_WAYS_OFFLINE = ("_EPROCESS.UniqueProcessId", "_EPROCESS.ImageFileName", "_EPROCESS.ObjectTable",
-                     "_EPROCESS.Pcb.DirectoryTableBase", "_ETHREAD.Cid")   # + CurrentThread with registers
+                     "_EPROCESS.Pcb.DirectoryTableBase", "_ETHREAD.Cid", "_CM_KEY_CONTROL_BLOCK.ParentKcb",
+                     "_CM_KEY_CONTROL_BLOCK.NameBlock")   # + CurrentThread with registers
 
 
 def image_reader(image):

@@ -60,11 +60,29 @@ class Access:
         return None
 
 
+@dataclass(frozen=True)
+class Loop:
+    """A jump back to an instruction already decoded: what the registers held when the loop's
+    head was first reached (`entry`) and at the jump back (`back`, instruction `at`)."""
+    head: int
+    entry: dict
+    back: dict
+    at: int
+
+    def steps(self) -> list[tuple[str, Value, int]]:
+        """(register, value at the head, displacement) of each register the loop reloads from a
+        field of what it held: `mov r, [r+d]` (or through a copy) on the way back."""
+        return [(reg, value, self.back[reg][2]) for reg, value in self.entry.items()
+                if self.back.get(reg, (None,))[0] == "load" and self.back[reg][1] == value]
+
+
 @dataclass
 class Trace:
     address: int
     accesses: list[Access] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    arguments: dict[int, Value | None] = field(default_factory=dict)   # callee -> rcx at its first call
+    loops: list[Loop] = field(default_factory=list)
     returns: list[Value | None] = field(default_factory=list)   # what rax held at each `ret`
     cr3: list[tuple[Value | None, int]] = field(default_factory=list)   # what `mov cr3, reg` wrote, where
 
@@ -114,6 +132,7 @@ class _Tracer:
         self.read = read
         self.trace = Trace(address)
         self.count = 0
+        self.states: dict[int, dict] = {}       # instruction -> registers when first decoded
 
     def run(self) -> Trace:
         start = {reg: ("arg", n) for n, reg in enumerate(ARGUMENTS)}
@@ -133,6 +152,7 @@ class _Tracer:
             self.count += 1
             if insn.mnemonic == "int3" or self.count > MAX_INSNS:
                 break
+            self.states.setdefault(insn.address, dict(regs))
             target = _direct_target(insn)
             if insn.mnemonic == "ret":
                 self.trace.returns.append(regs.get("rax"))
@@ -140,10 +160,13 @@ class _Tracer:
             if insn.mnemonic == "call":
                 if target is not None:
                     self.trace.calls.append(target)
+                    self.trace.arguments.setdefault(target, regs.get("rcx"))
                 for reg in VOLATILE:
                     regs.pop(reg, None)
                 continue
             if insn.mnemonic.startswith("j"):
+                if target is not None and target <= insn.address and target in self.states:
+                    self.trace.loops.append(Loop(target, self.states[target], dict(regs), insn.address))
                 if target is not None:
                     out.append((target, dict(regs)))
                 if insn.mnemonic == "jmp":

@@ -3,8 +3,8 @@ globals (kernel_globals.py), then the invariants every later step relies on (val
 
 from __future__ import annotations
 
-from gdbhandles.windows import (infer, infer_cpu, infer_threads, kernel as kernel_module, kernel_globals, layouts,
-                                validate)
+from gdbhandles.windows import (infer, infer_cpu, infer_keys, infer_threads, kernel as kernel_module, kernel_globals,
+                                layouts, validate)
 from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.memory import PhysicalMemory
 
@@ -36,6 +36,6 @@ def discover(phys: PhysicalMemory, registers: list[dict] | None = None, dtb: int
         infer_threads.check_threads(kernel, inferred)
         infer_cpu.check_dtb(kernel, inferred)
         infer_cpu.check_current_thread(kernel, inferred, registers)
-        infer_threads.infer_kcb(kernel, inferred)
+        infer_keys.infer_kcb(kernel, inferred)
     validate.run(kernel)
     return kernel

@@ -1,16 +1,15 @@
-"""Inferred thread and registry offsets: _ETHREAD.Cid, _KTHREAD.ApcState.Process,
-_KPCR.Prcb.CurrentThread and the key control block's NameBlock/ParentKcb.
+"""Inferred thread offsets: _ETHREAD.Cid, _KTHREAD.ApcState.Process and
+_KPCR.Prcb.CurrentThread (the key control block's pair: infer_keys).
 
 Code: PsGetThreadProcessId/PsGetThreadId read Cid, PsGetCurrentProcess reads
 [gs:CurrentThread]+ApcState.Process. Live data: PspCidTable holds every thread body under its
-own id, so a thread's Cid is where its own id sits after its process's pid; a key's control
-blocks chain up through ParentKcb to one root named REGISTRY.
+own id, so a thread's Cid is where its own id sits after its process's pid.
 """
 
 from __future__ import annotations
 
 from gdbhandles.errors import HandleError
-from gdbhandles.windows import disasm, object_types
+from gdbhandles.windows import disasm
 from gdbhandles.windows.handle_table import HandleTable
 from gdbhandles.windows.infer import InferredLayout, accessor, agree, exported_code, qwords
 from gdbhandles.windows.kernel import Check, Kernel
@@ -18,8 +17,6 @@ from gdbhandles.windows.kernel import Check, Kernel
 THREAD_OBJECT, PROCESS_OBJECT = 6, 3       # _DISPATCHER_HEADER.Type
 THREAD_SCAN = 0x800
 SAMPLE = 16                                # threads checked
-KCB_SCAN = 0x200
-MAX_KEY_DEPTH = 64
 
 
 def infer_thread_code(kernel: Kernel, layout: InferredLayout) -> None:
@@ -110,91 +107,3 @@ def check_threads(kernel: Kernel, layout: InferredLayout) -> None:
         elif known is not None:
             kernel.checks.append(Check(f"_KTHREAD.{name} holds each thread's own EPROCESS",
                                        known.offset in owners, f"{len(threads)} threads of PspCidTable"))
-
-
-def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
-    """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
-    types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
-    body_offset = kernel.layout.offset("_OBJECT_HEADER", "Body")
-    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
-    table_offset = kernel.layout.offset("_EPROCESS", "ObjectTable")
-    head, bodies = kernel.globals["PsActiveProcessHead"], []
-    entry, count = kernel.space.u64(head), 0
-    while entry != head and count < 4096 and len(bodies) < limit:
-        table = kernel.space.u64(entry - links + table_offset)
-        if table:
-            for item in HandleTable(kernel.space, kernel.layout, table).entries():
-                header = getattr(item, "header", None)
-                if header and object_types.decoded_type(kernel, types, header + body_offset,
-                                                        kernel.header_cookie) == "Key":
-                    bodies.append(header + body_offset)
-        entry, count = kernel.space.u64(entry), count + 1
-    return bodies[:limit]
-
-
-class _Kcbs:
-    """Cached reads of control blocks and name blocks for the joint search."""
-
-    def __init__(self, kernel: Kernel):
-        self.kernel, self.blocks, self.names = kernel, {}, {}
-        L = kernel.layout
-        self.length, self.name = L.field("_CM_NAME_CONTROL_BLOCK", "NameLength"), L.offset("_CM_NAME_CONTROL_BLOCK", "Name")
-
-    def words(self, kcb: int) -> list[int]:
-        if kcb not in self.blocks:
-            self.blocks[kcb] = qwords(self.kernel, kcb, KCB_SCAN)
-        return self.blocks[kcb]
-
-    def name_of(self, block: int) -> str | None:
-        if block not in self.names:
-            try:
-                head = self.kernel.space.read(block, self.name)
-                length = self.length.extract(head)
-                raw = self.kernel.space.read(block + self.name, length) if 0 < length < 256 else b""
-                self.names[block] = raw.decode("latin-1") if raw and raw.isascii() and raw.decode().isprintable() else None
-            except HandleError:
-                self.names[block] = None
-        return self.names[block]
-
-    def root_name(self, kcb: int, parent: int, name: int) -> str | None:
-        """Follow `parent` to the root; its name, or None when any step breaks the invariants."""
-        for _ in range(MAX_KEY_DEPTH):
-            try:
-                words = self.words(kcb)
-            except HandleError:
-                return None
-            label = self.name_of(words[name // 8]) if words[name // 8] >> 47 == 0x1FFFF else None
-            if label is None:
-                return None
-            if not words[parent // 8]:
-                return label
-            kcb = words[parent // 8]
-            if kcb >> 47 != 0x1FFFF:
-                return None
-        return None
-
-
-def infer_kcb(kernel: Kernel, layout: InferredLayout) -> None:
-    """NameBlock and ParentKcb: the one pair under which every sampled key's chain of control
-    blocks is named all the way up to a root named REGISTRY."""
-    kcb_field = kernel.layout.offset("_CM_KEY_BODY", "KeyControlBlock")
-    try:
-        kcbs = [kernel.space.u64(body + kcb_field) for body in _key_bodies(kernel)]
-    except HandleError:
-        kcbs = []
-    cache, found = _Kcbs(kernel), []
-    for parent in range(0, KCB_SCAN, 8):
-        for name in range(0, KCB_SCAN, 8):
-            if parent != name and kcbs and all((cache.root_name(k, parent, name) or "").upper() == "REGISTRY"
-                                               for k in kcbs):
-                found.append((parent, name))
-    how = f"live: the only offsets under which {len(kcbs)} keys' control blocks chain up to \\REGISTRY"
-    kernel.checks.append(Check("key control blocks: one ParentKcb/NameBlock pair chains every key to REGISTRY",
-                               len(found) == 1, f"{len(kcbs)} keys, {len(found)} pairs"))
-    if len(found) != 1:                 # said in handle info: key names may be wrong
-        base = layout.base
-        found = [(base.offset("_CM_KEY_CONTROL_BLOCK", "ParentKcb"), base.offset("_CM_KEY_CONTROL_BLOCK", "NameBlock"))]
-        how = (f"NOT inferred ({len(kcbs)} keys, no single pair fits): taken from shipped profile {base.version}; "
-               "key names may be wrong")
-    layout.put("_CM_KEY_CONTROL_BLOCK", "ParentKcb", found[0][0], 8, how)
-    layout.put("_CM_KEY_CONTROL_BLOCK", "NameBlock", found[0][1], 8, how)

@@ -6,7 +6,7 @@ instructions in another order, the work in a worker reached by a call or a tail 
 ending in a jump to a shared epilogue, a CR3 write after KVA shadowing's extra work. One form
 per function is drawn from the guest's rng.
 
-Templates name registers %A (64-bit), %A32 and %A8; `fill` substitutes a random allocation.
+Templates name registers %A (64-bit), %A32, %A16 and %A8; `fill` substitutes a random allocation.
 {Symbol} and {off:Struct.Field} are left for kernel_image's assembler.
 """
 from __future__ import annotations
@@ -15,20 +15,20 @@ import random
 import re
 
 VOLATILE = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11")
-_LEGACY = {"rax": ("eax", "al"), "rcx": ("ecx", "cl"), "rdx": ("edx", "dl"), "rbx": ("ebx", "bl"),
-           "rsi": ("esi", "sil"), "rdi": ("edi", "dil")}
+_LEGACY = {"rax": ("eax", "al", "ax"), "rcx": ("ecx", "cl", "cx"), "rdx": ("edx", "dl", "dx"),
+           "rbx": ("ebx", "bl", "bx"), "rsi": ("esi", "sil", "si"), "rdi": ("edi", "dil", "di")}
+_WIDTHS = {"32": (0, "d"), "8": (1, "b"), "16": (2, "w")}
 
 
 def _sub(reg: str, width: str) -> str:
     if width == "":
         return reg
-    if reg in _LEGACY:
-        return _LEGACY[reg][0 if width == "32" else 1]
-    return reg + ("d" if width == "32" else "b")
+    index, suffix = _WIDTHS[width]
+    return _LEGACY[reg][index] if reg in _LEGACY else reg + suffix
 
 
 def fill(template: str, regs: dict[str, str]) -> str:
-    return re.sub(r"%([A-Z])(32|8)?", lambda m: _sub(regs[m.group(1)], m.group(2) or ""), template)
+    return re.sub(r"%([A-Z])(32|16|8)?", lambda m: _sub(regs[m.group(1)], m.group(2) or ""), template)
 
 
 def _merge(rng: random.Random, sequences: list[list[str]]) -> list[str]:

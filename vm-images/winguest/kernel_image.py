@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from . import code_variants as variants
+from .registry_code import key_name_code
 from .profiles import Layout, all_profiles
 
 PAGE = 0x1000
@@ -375,6 +376,8 @@ def _functions(L: Layout, cookie: bool, win8: bool, rng: random.Random | None = 
     if rng:                     # drawn last, so the other functions' draws stay what they were
         swap, forms["KiSwapProcess"] = variants.swap_process(rng)
         f.update(swap)
+    key_name, forms["CmpConstructName"] = key_name_code(win8, rng)    # after those: their draws unchanged
+    f.update(key_name)
     return f
 
 
@@ -487,8 +490,8 @@ CODE_EXPORTS = ("PsLookupProcessByProcessId", "ObGetObjectType", "PsGetProcessId
                 "PsGetThreadId", "PsGetThreadProcessId", "PsGetThreadProcess", "ObReferenceObjectByHandle",
                 "ObReferenceObjectByHandleWithTag", "ObQueryNameString", "PsGetCurrentProcess",
                 "IoGetCurrentProcess", "KeGetCurrentThread", "PsGetCurrentThread", "KeStackAttachProcess",
-                "PsGetCurrentProcessId", "ExAllocatePoolWithTag",
-                "KeBugCheckEx")
+                "PsGetCurrentProcessId", "ExAllocatePoolWithTag", "CmCallbackGetKeyObjectIDEx",
+                "CmCallbackGetKeyObjectID", "KeBugCheckEx")
 KVAS_FUNCTIONS = {"KiSystemCall64Shadow", "KiKernelIretExit"}
 IDT_NAME = "KiIdtHandler{:02X}"
 KVAS_ROOM = 0x3000                  # KVASCODE beyond KiSystemCall64Shadow: shadow IDT stubs, iret exit
