@@ -5,8 +5,9 @@ For kernels we have no symbols for. Compilers name the same global in many ways:
 or the memory operand of an `xor`, in any register and any order, the end of a function in a
 chunk reached by a jump. So each register's value is tracked symbolically (an argument, the
 current thread from gs:[188h], a constant address, a value loaded from one of those) and every
-memory operand is recorded with what its base and index registers held. Callers (kernel.py)
-ask for candidates and check each on live data before using it.
+memory operand is recorded with what its base and index registers held, and so is each jump
+back to an instruction already decoded (a loop: what the registers held at its head and on the
+way back). Callers (kernel.py) ask for candidates and check each on live data before using it.
 """
 
 from __future__ import annotations

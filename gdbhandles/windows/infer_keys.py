@@ -27,7 +27,6 @@ WALK_DEPTH = 2                  # export -> CmpConstructNameWithStatus -> ...Fro
 MAX_CALLEES = 4                 # callees handed the control block, per level
 KCB_SCAN = 0x200
 MAX_KEY_DEPTH = 64
-PARENT, NAME_BLOCK = "_CM_KEY_CONTROL_BLOCK.ParentKcb", "_CM_KEY_CONTROL_BLOCK.NameBlock"
 
 Way = tuple[int, str]           # (offset, how it was found)
 
@@ -44,6 +43,7 @@ class Walk:
     length_at: int              # the NameLength read through it
 
     def ways(self) -> tuple[Way, Way]:
+        """(ParentKcb, how), (NameBlock, how), naming the instructions."""
         where = f"{self.export} -> {self.function:#x}"
         return ((self.parent, f"code: {where}: the walk's next control block loaded at {self.parent_at:#x}"),
                 (self.name_block, f"code: {where}: name block loaded at {self.name_at:#x}, its NameLength "
@@ -110,6 +110,8 @@ def _code_way(kernel: Kernel) -> tuple[tuple[Way, Way] | None, str]:
     kernel.checks.append(Check("key control blocks: the code's walks give one ParentKcb/NameBlock pair", False,
                                ", ".join(f"{p:#x}/{n:#x}" for p, n in sorted(pairs))))
     return None, f"code: its walks give {len(pairs)} different pairs"
+
+
 def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
     types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
