@@ -98,11 +98,11 @@ def test_cache_and_statistics(ram):
     s = AddressSpace(phys, 0x1000)
     s.read(BASE, 8)
     first = phys.stats.round_trips
-    assert first == 5          # PML4E, PDPTE, PDE lines, the whole page table, then the data line
+    assert first == 5          # the PML4, PDPT, PD and page table, each read whole, then the data line
     s.read(BASE + 16, 8)       # same line, page already translated
     assert phys.stats.round_trips == first
     assert phys.stats.cache_hits >= 1
-    assert phys.stats.bytes == 4 * LINE + PAGE
+    assert phys.stats.bytes == 4 * PAGE + LINE
     s.read(BASE + 0x1000, 8)   # the next page of the 2 MiB region: its PTE came with the page table
     assert phys.stats.round_trips == first + 1
 

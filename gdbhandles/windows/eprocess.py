@@ -23,6 +23,7 @@ __all__ = ["EProcess", "Process", "read_process", "image_path", "active_processe
 MAX_PROCESSES = 1 << 16
 FIXED = ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName", "Pcb.DirectoryTableBase")
 AUDIT_NAME = "SeAuditProcessCreationInfo.ImageFileName"
+PATH_REACH = 0x200       # bytes of an _OBJECT_NAME_INFORMATION read at once: Name, then most paths
 
 
 class EProcess(Struct):
@@ -48,7 +49,9 @@ class ObjectNameInformation(Struct):
     NAME = "_OBJECT_NAME_INFORMATION"
 
     def name(self, space: AddressSpace, address: int) -> str | None:
-        """`Name`, a _UNICODE_STRING holding an NT path."""
+        """`Name`, a _UNICODE_STRING holding an NT path; its buffer follows it in the same pool
+        block, so both come in one read."""
+        space.prefetch([(address, PATH_REACH)])
         return UnicodeString.of(self.layout).read(space, address + self.offset("Name"))
 
 

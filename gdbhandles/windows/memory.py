@@ -265,9 +265,11 @@ class AddressSpace:
         return entry & PFN_MASK
 
     def _descend(self, va: int) -> tuple[int, bool]:
-        """(page table of va, False), or (va's page in a 1 GiB/2 MiB page, True)."""
+        """(page table of va, False), or (va's page in a 1 GiB/2 MiB page, True). Each directory
+        page is read whole (one read, as one line of it): its other entries come next."""
         table = self.dtb
         for shift in (39, 30, 21):
+            self.phys.prefetch([(table, PAGE)])
             entry = self.phys.u64(table + ((va >> shift) & 0x1FF) * 8)
             if not entry & PRESENT and not _transition(entry):
                 raise UnreadablePage(va, "page")

@@ -125,6 +125,8 @@ class Names:
         """A named object's full path (`\\Device\\HarddiskVolume3`): its name-info names up the
         Directory chain to the root directory (the one without a parent); '' when unnamed."""
         if body not in self.paths:
+            if len(self.paths) >= MAX_DECODED:          # bounded like the line cache: start afresh
+                self.paths.clear()
             try:
                 self.paths[body] = self._object_path(body)
             except HandleError as exc:
@@ -135,9 +137,15 @@ class Names:
         return found
 
     def _object_path(self, body: int) -> str:
-        info_struct = ObjectHeaderNameInfo.of(self.kernel.layout)
-        parts, current, seen = [], body, set()
+        """The path, up to the first directory whose path is known; each level's characters come
+        in one read with the next directory's header, and every directory's path is kept."""
+        info_struct = self.name_info_struct
+        chain, current, seen, prefix = [], body, set(), ""
         while current:
+            known = self.paths.get(current) if current != body else None
+            if isinstance(known, str):
+                prefix = known
+                break
             if current in seen:
                 raise DamagedChain(f"object directory {current:#x} is its own ancestor (the Directory chain loops)")
             if len(seen) > MAX_DIRECTORY_DEPTH:
@@ -146,10 +154,26 @@ class Names:
             info = self.headers.name_info(self.headers.at_body(current))
             if info is None:                  # unnamed: the path ends here
                 break
-            current = info_struct.directory(self.kernel, info)
-            if current:
-                parts.append(info_struct.name(self.kernel, info) or "")
-        return "\\" + "\\".join(reversed(parts)) if parts else ""
+            parent = info_struct.directory(self.kernel, info)
+            if parent:
+                self._gather(info_struct.name_address(info), parent)
+                chain.append((current, info_struct.name(self.kernel, info) or ""))
+            current = parent
+        for directory, name in reversed(chain):
+            prefix += "\\" + name
+            if directory != body:
+                self.paths[directory] = prefix
+        return prefix
+
+    def _gather(self, string: int, body: int) -> None:
+        """The characters of the _UNICODE_STRING at `string` and the header neighbourhood of the
+        object at `body` (unless its path is known) in one read: the next step up a chain."""
+        space = self.kernel.space
+        ranges = self.strings.buffers(space, [string])
+        if body not in self.paths:
+            header = body - self.headers.struct.body_offset()
+            ranges.append((header - NAME_REACH, NAME_REACH + self.headers.struct.body_offset()))
+        space.prefetch(ranges)
 
     def prefetch_objects(self, headers: list[int]) -> None:
         """Bring what names are read from around many object headers (optional headers, the
@@ -176,6 +200,14 @@ class Names:
             space.prefetch([(self.threads.thread_id_address(found.body), 8)])
         elif source is not NameSource.NONE:
             space.prefetch([(found.body, BODY_REACH)])
+        if source is NameSource.FILE:        # FileName's characters with the device's header
+            try:
+                device = self.files.device(space, found.body)
+            except HandleError:
+                device = 0
+            if device:
+                self._gather(self.files.file_name_address(found.body), device)
+                return
         self.prefetch([found], objects=False)
 
     def prefetch(self, headers: list[Header], objects: bool = True) -> None:

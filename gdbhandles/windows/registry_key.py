@@ -15,6 +15,7 @@ __all__ = ["KeyBody", "KeyControlBlock", "NameControlBlock", "key_path", "MAX_KE
 
 MAX_KEY_DEPTH = 512         # control blocks above a key (registry paths nest at most 512 deep)
 MAX_KEY_NAME = 255 * 2      # bytes of a key's own name (255 characters, UTF-16)
+NAME_HEAD = 0x40            # bytes of a name prefetched with its block (most key names are shorter)
 
 
 class KeyBody(Struct):
@@ -36,6 +37,10 @@ class KeyControlBlock(Struct):
         """`ParentKcb`: the parent key's control block, 0 at the root."""
         return self.field("ParentKcb").read(space.read, kcb)
 
+    def links_end(self) -> int:
+        """Bytes from the block's start through `NameBlock` and `ParentKcb`: what the chain reads."""
+        return max(f.offset + f.size for f in (self.field("NameBlock"), self.field("ParentKcb")))
+
 
 class NameControlBlock(Struct):
     NAME = "_CM_NAME_CONTROL_BLOCK"
@@ -56,25 +61,29 @@ class NameControlBlock(Struct):
 
 def key_path(space: AddressSpace, layout, body: int, known: dict[int, str | None] | None = None) -> str | None:
     """\\REGISTRY\\… of the key body at `body`, up through ParentKcb; None without a name.
-    `known` (control block -> path) lets the many handles to one key read its chain once."""
+    `known` (control block -> path) keeps the path of every control block met, so the many
+    handles to one key, and keys under one parent, read the shared chain once. Each level's
+    name block comes in one gathered read with the parent's control block."""
     kcbs, names = KeyControlBlock.of(layout), NameControlBlock.of(layout)
     kcb = KeyBody.of(layout).control_block(space, body)
-    if known is not None and kcb in known:
-        return known[kcb]
-    first = kcb
-    parts: list[str] = []
-    seen: set[int] = set()
+    known = {} if known is None else known
+    chain: list[tuple[int, str | None]] = []
+    prefix: str | None = None
     while kcb:
-        if kcb in seen:
+        if kcb in known:
+            prefix = known[kcb]
+            break
+        if any(kcb == met for met, _ in chain):
             raise DamagedChain(f"key control block {kcb:#x} is its own ancestor (the ParentKcb chain loops)")
-        if len(seen) >= MAX_KEY_DEPTH:
+        if len(chain) >= MAX_KEY_DEPTH:
             raise DamagedChain(f"key control block {kcb:#x} is more than {MAX_KEY_DEPTH} ParentKcb links deep")
-        seen.add(kcb)
-        block = kcbs.name_block(space, kcb)
-        if block:
-            parts.append(names.name(space, block))
-        kcb = kcbs.parent(space, kcb)
-    path = "\\" + "\\".join(reversed(parts)) if parts else None
-    if known is not None:
-        known[first] = path
-    return path
+        block, parent = kcbs.name_block(space, kcb), kcbs.parent(space, kcb)
+        space.prefetch([(block, names.offset("Name") + NAME_HEAD)] * bool(block) +
+                       [(parent, kcbs.links_end())] * bool(parent and parent not in known))
+        chain.append((kcb, names.name(space, block) if block else None))
+        kcb = parent
+    for met, name in reversed(chain):
+        if name is not None:
+            prefix = (prefix or "") + "\\" + name
+        known[met] = prefix
+    return prefix
