@@ -8,9 +8,10 @@ adjacent are fetched in one backend read, and `prefetch` gathers many small rang
 few reads. `prefetch_fine` reads 4-byte pieces instead, for a few bytes each of many
 scattered structures (a type-filtered walk reads 3 bytes of each object header, and whole
 lines around them would be mostly bytes never used); over a costly wire it bridges the
-smallest gaps between pieces first, within a byte budget per piece. Page walks follow
-Windows: 4 levels, 1 GiB/2 MiB pages, transition entries (bit 11 set, bit 10 clear, not
-present) still name their page.
+smallest gaps between pieces first, within a byte budget per piece; `prefetch(most=N)`
+reads only when N reads suffice (a lookup's whole handle table). Page walks follow Windows:
+4 levels, 1 GiB/2 MiB pages, transition entries (bit 11 set, bit 10 clear, not present)
+still name their page; each page-table page met is read whole (one read, as one line of it).
 
 About 360 lines: the backends, the line cache and the page walk are one read path (every
 engine read goes through all three), kept together so its hot loop reads in one place.

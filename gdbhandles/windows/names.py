@@ -98,6 +98,8 @@ class Names:
     def key_name(self, body: int) -> str:
         """\\REGISTRY\\…: every key's control blocks chain up to the root named REGISTRY; a
         chain that ends elsewhere is read through a wrong layout or damaged (CorruptTable)."""
+        if len(self.key_paths) >= MAX_DECODED:          # bounded like the line cache: start afresh
+            self.key_paths.clear()
         path = key_path(self.kernel.space, self.kernel.layout, body, self.key_paths)
         if path is None or not (path.upper() + "\\").startswith(REGISTRY_ROOT + "\\"):
             raise CorruptTable(f"key {body:#x}: its control blocks do not chain up to the root \\REGISTRY")
