@@ -48,11 +48,13 @@ def test_the_key_name_walk_is_read_in_every_variant(profile):
 
 
 def test_every_key_name_form_is_drawn_and_read():
-    """Call or tail jump into the walk, or the older CmpConstructName; the parent loaded last,
-    early into a spare register (before or after the name block) or in a loop entered at its test."""
+    """A call or a tail jump into the walk, the newest builds' direct call, or the older
+    CmpConstructName (Windows 7's only form); the parent loaded last, early into a spare register
+    (before or after the name block) or in a loop entered at its test."""
     drawn = set()
-    for profile in (next(p for _, p in all_profiles() if p["build"] == 19041), future_profile()):
-        for seed in range(40):
+    profiles = {p["build"]: p for _, p in all_profiles() if p["build"] in (7601, 19041)}
+    for profile in (profiles[7601], profiles[19041], future_profile()):
+        for seed in range(60):
             image = build_kernel_image(profile, guid="0" * 32, age=1, base=BASE, rng=random.Random(seed),
                                        code_variants=True)
             walks = image_walks(image, profile["build"])

@@ -5,8 +5,8 @@ control block's NameBlock and that block's NameLength and Name.
 
 Real builds differ in where that walk sits: since 1809 the export calls
 CmpConstructNameWithStatus, which calls CmpConstructNameFromKcbNameBlocks (the walk, after
-CmpKeyFullNameLength, a walk of its own, sized the string); older builds call CmpConstructName
-with the walk inside. With an rng (`--code-variants random`) the call structure (call or tail
+CmpKeyFullNameLength, a walk of its own, sized the string); the newest call the latter directly;
+older builds call CmpConstructName with the walk inside. With an rng (`--code-variants random`) the call structure (call or tail
 jump), the registers of the walk and where it loads the parent (at the end, early into a spare
 register, or in a loop entered at its test) are drawn; without one, the 1809+ shape.
 """
@@ -16,7 +16,7 @@ import random
 
 from .code_variants import fill, lines
 
-STRUCTURES = ("with-status", "with-status+tail", "construct-name")
+STRUCTURES = ("with-status", "with-status+tail", "from-blocks", "construct-name")
 PARENT_FORMS = ("end", "early", "rotated")
 NONVOLATILE = ("rbx", "rsi", "rdi", "r12", "r13", "r14", "r15")
 VOLATILE = ("rax", "rcx", "rdx", "r8", "r9", "r10", "r11")
@@ -27,7 +27,8 @@ STATUS_INVALID_PARAMETER, STATUS_NO_MEMORY = "0C000000Dh", "0C0000017h"
 
 def _export(win8: bool, structure: str) -> str:
     """rcx = callback cookie, rdx = key body, r8 = ObjectID out, r9 = ObjectName out (and, Win8+,
-    [rsp+28h] = Flags); the name through CmpConstructNameWithStatus or CmpConstructName."""
+    [rsp+28h] = Flags); the name through CmpConstructNameWithStatus, CmpConstructNameFromKcbNameBlocks
+    or CmpConstructName."""
     flags = "\n    cmp dword [rsp + 60h], 0             ; Flags: none defined\n    jne .invalid" if win8 else ""
     if structure == "construct-name":
         build = f"""
@@ -39,11 +40,12 @@ def _export(win8: bool, structure: str) -> str:
     mov [rdi], rax
     xor esi, esi"""
     else:
-        build = """
+        callee = "CmpConstructNameFromKcbNameBlocks" if structure == "from-blocks" else "CmpConstructNameWithStatus"
+        build = f"""
     mov qword [rsp + 20h], 0
     lea rdx, [rsp + 20h]
     mov rcx, rbx
-    call {CmpConstructNameWithStatus}
+    call {{{callee}}}
     mov esi, eax
     test eax, eax
     js .unlock
@@ -162,8 +164,9 @@ def key_name_code(win8: bool, rng: random.Random | None) -> tuple[dict[str, str]
     if structure == "construct-name":
         functions["CmpConstructName"] = _builder(regs, parent, first, status=False)
     else:
-        functions["CmpConstructNameWithStatus"] = _with_status(tail=structure.endswith("+tail"))
         functions["CmpConstructNameFromKcbNameBlocks"] = _builder(regs, parent, first, status=True)
+    if structure.startswith("with-status"):
+        functions["CmpConstructNameWithStatus"] = _with_status(tail=structure.endswith("+tail"))
         functions["CmpAcquireShutdownRundown"] = lines(["mov al, 1", "ret"])
     form = f"{structure}+parent-{parent}" + ("+parent-first" if parent == "early" and first else "")
     return functions, form
