@@ -4,12 +4,14 @@ For each guest, on the same memory: volatility3 `windows.handles` on a QMP pmems
 offline engine on that pmemsave (wall and CPU time, the line cache's peak against its bound,
 and its cProfile top lines), the live walk through the gdbstub (handles/s and gdb's memory
 growth during it), through the local fast path and auto-paused, the raw-stub floor (benchmarks/rsp_floor.py),
-the bytes and reads of a filtered walk (--type Process), and lookup times cold (a fresh gdb)
-and warm. Times are ratios to volatility3 (how many times faster) and to the floor (how
-many floors). Timings are printed, never asserted. `--filtered` measures only the live stub
-walk and the --type Process walk (about a minute; no volatility3).
+the bytes and reads of a filtered walk (--type Process), and lookup times and reads over the
+gdbstub: cold (a fresh gdb), warm in one process (after a first lookup there, as the target
+counts them) and warm in a new process each. Times are ratios to volatility3 (how many times
+faster) and to the floor (how many floors). Timings are printed, never asserted. `--filtered`
+measures only the live stub walk and the --type Process walk (about a minute; no
+volatility3); `--lookups-only` only the lookups (a few minutes; no volatility3).
 
-    .venv/bin/python benchmarks/bench.py [--scenarios big huge] [--json FILE] [--filtered]
+    .venv/bin/python benchmarks/bench.py [--scenarios big huge] [--json FILE] [--filtered | --lookups-only]
 """
 
 from __future__ import annotations
@@ -159,10 +161,14 @@ class Live:
         return {"seconds": seconds, "handles": len(json.loads(Path(self.out).read_text()))}
 
     def lookups(self, records: list[dict]) -> dict:
-        """Warm lookups: the same stop of the guest, one after another."""
+        """Warm lookups of random handles anywhere in the guest, one after another in the same stop
+        (after one lookup and `handle info`): most are the first lookup in their process."""
         self.ran()
         self.timed(f"handle lookup {records[0]['pid']} {records[0]['handle']:#x}")
         self.stats()          # its first call runs info()'s whole-list checks: not a lookup's reads
+        return self.counted(records)
+
+    def counted(self, records: list[dict]) -> dict:
         times, reads = [], []
         for record in records:
             before = self.stats()["round_trips"]
@@ -170,16 +176,16 @@ class Live:
             reads.append(self.stats()["round_trips"] - before)
         return {"times": times, "reads": reads}
 
-    def same_page(self, groups: list[list[dict]]) -> dict:
-        """Warm lookups of handles on a table page an earlier lookup read (the first of each group)."""
+    def same_process(self, groups: list[list[dict]]) -> dict:
+        """Warm lookups as the target counts them: in one stop, after a first lookup in a process
+        (not counted), random handles anywhere in that process."""
+        self.ran()
         times, reads = [], []
-        self.stats()
         for first, *rest in groups:
             self.timed(f"handle lookup {first['pid']} {first['handle']:#x}")
-            for record in rest:
-                before = self.stats()["round_trips"]
-                times.append(self.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
-                reads.append(self.stats()["round_trips"] - before)
+            self.stats()      # the first call runs info()'s whole-list checks: not a lookup's reads
+            found = self.counted(rest)
+            times, reads = times + found["times"], reads + found["reads"]
         return {"times": times, "reads": reads}
 
     def close(self) -> None:
@@ -187,10 +193,12 @@ class Live:
 
 
 def cold_lookups(port: int, work: Path, records: list[dict]) -> dict:
+    """One lookup in each of a few fresh gdbs (discovery included), all reads over the gdbstub."""
     times, reads = [], []
     for record in records:
         live = Live(port, work)
         try:
+            live.gdb.console("set handle fast-path off")
             times.append(live.timed(f"handle lookup {record['pid']} {record['handle']:#x}"))
             reads.append(live.stats()["round_trips"])
         finally:
@@ -208,12 +216,7 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
     directory = cached_guest("19041", name)
     truth = json.loads((directory / "truth.json").read_text())
     ram = json.loads((directory / "guest.json").read_text())["ram_mib"] << 20
-    sample = random.Random(7).sample(truth["handles"], lookups)
-    pages: dict = {}
-    for record in truth["handles"]:
-        pages.setdefault((record["pid"], record["handle"] // 1024), []).append(record)
-    chosen = random.Random(7).sample(sorted(k for k, v in pages.items() if len(v) >= 6), 10)
-    same_page = [pages[key][:6] for key in chosen]       # a lookup, then five more on its table page
+    sample, groups = lookup_samples(truth, lookups)
     result = {"scenario": name, "processes": len(truth["processes"]), "truth_handles": len(truth["handles"])}
     # the raw-stub floor and the figures are of the TCP gdbstub, as measured before
     with tempfile.TemporaryDirectory(prefix="gh-bench-") as tmp, booted(directory, gdb_socket=False) as vm:
@@ -235,14 +238,54 @@ def scenario(name: str, lookups: int, cold: int, cap: float) -> dict:
             result["stub"] = live.walk("off")
             result["fast"] = live.walk("on")
             result["filtered"] = live.walk("off", " --type Process")
-            result["warm"] = live.lookups(sample)
-            result["warm_page"] = live.same_page(same_page)
+            result.update(live_lookups(live, sample, groups))
             result["auto_paused"] = live.auto_paused(vm.qmp)
         finally:
             live.close()
         result["cold"] = cold_lookups(vm.port, work, sample[:cold])
     result["floor_s"] = rsp_floor.floor(result["floor_measured"], result["stub"]["reads"])
     return result
+
+
+def lookup_samples(truth: dict, count: int) -> tuple[list[dict], list[list[dict]]]:
+    """`count` random handles of the guest, and count/5 random processes (with at least 6
+    handles) each as a first handle and five more of its handles, all chosen at random."""
+    handles: dict = {}
+    for record in truth["handles"]:
+        handles.setdefault(record["pid"], []).append(record)
+    chosen = random.Random(7).sample(sorted(pid for pid, listed in handles.items() if len(listed) >= 6),
+                                     max(1, count // 5))
+    return (random.Random(7).sample(truth["handles"], count),
+            [random.Random(pid).sample(handles[pid], 6) for pid in chosen])
+
+
+def live_lookups(live: Live, sample: list[dict], groups: list[list[dict]]) -> dict:
+    """Warm lookups over the gdbstub (the fast path off: reads are round trips of the stub)."""
+    live.gdb.console("set handle fast-path off")
+    return {"warm": live.same_process(groups), "warm_other": live.lookups(sample)}
+
+
+def lookups_only(name: str, count: int, cold: int) -> dict:
+    """The lookup figures alone: warm in one process, warm anywhere, cold in a fresh gdb."""
+    directory = cached_guest("19041", name)
+    truth = json.loads((directory / "truth.json").read_text())
+    sample, groups = lookup_samples(truth, count)
+    result = {"scenario": name, "processes": len(truth["processes"]), "truth_handles": len(truth["handles"])}
+    with tempfile.TemporaryDirectory(prefix="gh-bench-") as tmp, booted(directory, gdb_socket=False) as vm:
+        live = Live(vm.port, Path(tmp))
+        try:
+            result.update(live_lookups(live, sample, groups))
+        finally:
+            live.close()
+        result["cold"] = cold_lookups(vm.port, Path(tmp), sample[:cold])
+    return result
+
+
+def lookup_rows(results: list[dict], row) -> None:
+    for kind, label in (("cold", "cold"), ("warm", "warm"), ("warm_other", "new pid")):
+        row(f"lookup {label} p50/p99, reads", [f"{p['p50_ms']:.1f}/{p['p99_ms']:.1f} ms, reads "
+                                               f"{statistics.median(r[kind]['reads']):.0f} med {max(r[kind]['reads'])} max"
+                                               for r in results for p in [percentiles(r[kind]["times"])]])
 
 
 def filtered_only(name: str) -> dict:
@@ -294,10 +337,7 @@ def report(results: list[dict]) -> str:
     row("full walk reads, MiB", [f"{r['stub']['reads']} reads, {r['stub']['bytes'] / 2**20:.1f} MiB" for r in results])
     row("--type Process reads, MiB", [f"{r['filtered']['reads']} reads, {r['filtered']['bytes'] / 2**20:.1f} MiB "
                                       f"({r['filtered']['bytes'] / r['stub']['bytes']:.0%})" for r in results])
-    for kind, label in (("cold", "cold"), ("warm", "warm"), ("warm_page", "warm, same page")):
-        row(f"lookup {label} p50/p99, reads", [f"{p['p50_ms']:.1f}/{p['p99_ms']:.1f} ms, reads "
-                                               f"{statistics.median(r[kind]['reads']):.0f} med {max(r[kind]['reads'])} max"
-                                               for r in results for p in [percentiles(r[kind]["times"])]])
+    lookup_rows(results, row)
     for r in results:
         lines += ["", f"offline engine profile ({r['scenario']}, by own time):", *r["offline"]["profile"]]
     return "\n".join(lines)
@@ -313,7 +353,17 @@ def main() -> None:
                         help="seconds volatility3 may take; beyond, its time is a lower bound (ratios marked >=)")
     parser.add_argument("--filtered", action="store_true",
                         help="only the live stub walk and the --type Process walk (bytes, reads, time)")
+    parser.add_argument("--lookups-only", action="store_true",
+                        help="only the lookups: warm in one process, warm anywhere, cold (reads and times)")
     args = parser.parse_args()
+    if args.lookups_only:
+        results = [lookups_only(name, args.lookups, args.cold) for name in args.scenarios]
+        lines: list[str] = []
+        lookup_rows(results, lambda label, cells: lines.append(f"{label:<34}" + "".join(f" {c:>32}" for c in cells)))
+        print("\n".join([f"{'':<34}" + "".join(f" {r['scenario']:>32}" for r in results)] + lines))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return
     if args.filtered:
         results = [filtered_only(name) for name in args.scenarios]
         print("\n".join(filtered_report(result) for result in results))
@@ -323,7 +373,7 @@ def main() -> None:
     results = []
     for name in args.scenarios:               # each guest's figures as soon as they are known
         result = scenario(name, args.lookups, args.cold, args.volatility_cap)
-        for kind in ("cold", "warm", "warm_page"):
+        for kind in ("cold", "warm", "warm_other"):
             result[kind].update(percentiles(result[kind]["times"]))
         results.append(result)
         print(report([result]), flush=True)
