@@ -3,7 +3,6 @@ up ParentKcb in the code behind CmCallbackGetKeyObjectIDEx (CmCallbackGetKeyObje
 the live keys chaining to \\REGISTRY; on raw memory of built guests (no QEMU)."""
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 
@@ -15,6 +14,7 @@ from gdbhandles.windows import infer, infer_keys, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory, UnreadablePage
 
 from test_engine_guests import check_handles, patched_copy, short_names
+from test_unseen import guest  # noqa: F401 - the fixture: (guest directory, truth)
 from winguest.guest import BLOB_BASE, LOW_STUB, build
 from winguest.kernel_image import build_kernel_image
 from winguest.profiles import FUTURE, Layout, all_profiles, future_profile
@@ -95,14 +95,6 @@ def test_both_ways_agree_on_every_profile_with_varied_code(profile):
         assert [passed for check, passed, _ in info.checks if check.startswith(field)] == [True]
     assert all(passed for _, passed, _ in info.checks), info.checks
     assert built["truth"]["code_forms"]["CmpConstructName"]
-
-
-@pytest.fixture(scope="module")
-def guest(built_guest):
-    def get(profile, **kw):
-        directory = built_guest(profile, **kw)
-        return directory, json.loads((directory / "truth.json").read_text())
-    return get
 
 
 def parent_loads(windows):
