@@ -47,7 +47,7 @@ def big_tables(windows: Windows) -> set[int]:
 @pytest.mark.parametrize("scenario", ["big", "huge"])
 def test_cold_lookup_reads_at_most_60(built_guest, scenario):
     """A lookup in a fresh engine (discovery included, with the registers a live gdb has) reads at
-    most 60 times, also in the largest process, whose table is too big to read whole."""
+    most 60 times, also in the process with the largest table (on huge, one too big to read whole)."""
     truth, fresh = open_guest(built_guest, scenario)
     handles = by_process(truth)
     largest = max(handles, key=lambda pid: max(r["handle"] for r in handles[pid]))
