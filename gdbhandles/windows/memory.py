@@ -246,6 +246,8 @@ class AddressSpace:
         self.dtb = dtb & PFN_MASK
         self._pages: dict[int, int] = {}
         self._page_tables: dict[int, int] = {}      # va >> 21 -> its page table
+        self._large: dict[int, int] = {}            # va >> 21 -> its frame, in a 2 MiB or 1 GiB page
+        self._whole: set[int] = set()               # directory pages read whole
 
     def _walk(self, va: int) -> int:
         """The physical address of va's page (4 KiB base), or UnreadablePage. The page table of
@@ -255,8 +257,12 @@ class AddressSpace:
             raise UnreadablePage(va, "not a canonical address")
         table = self._page_tables.get(va >> 21)
         if table is None:
+            frame = self._large.get(va >> 21)
+            if frame is not None:
+                return frame | (va & 0x1FF000)
             table, large = self._descend(va)
             if large:
+                self._large[va >> 21] = table & ~0x1FFFFF
                 return table
             self._page_tables[va >> 21] = table
             self.phys.prefetch([(table, PAGE)])
@@ -266,11 +272,14 @@ class AddressSpace:
         return entry & PFN_MASK
 
     def _descend(self, va: int) -> tuple[int, bool]:
-        """(page table of va, False), or (va's page in a 1 GiB/2 MiB page, True). Each directory
-        page is read whole (one read, as one line of it): its other entries come next."""
+        """(page table of va, False), or (va's page in a 1 GiB/2 MiB page, True; its 2 MiB piece is
+        remembered). Each directory page is read whole once (one read, as one line of it): its
+        other entries come next."""
         table = self.dtb
         for shift in (39, 30, 21):
-            self.phys.prefetch([(table, PAGE)])
+            if table not in self._whole:
+                self._whole.add(table)
+                self.phys.prefetch([(table, PAGE)])
             entry = self.phys.u64(table + ((va >> shift) & 0x1FF) * 8)
             if not entry & PRESENT and not _transition(entry):
                 raise UnreadablePage(va, "page")
