@@ -82,7 +82,7 @@ class Names:
 
     def _decode(self, header: Header) -> str | None:
         source = self.source(header)
-        space, layout, body = self.kernel.space, self.kernel.layout, header.body
+        space, body = self.kernel.space, header.body
         if source is NameSource.NAME_INFO:
             return self._text(self.name_info_struct.name_address(self.headers.name_info(header)))
         if source is NameSource.FILE:
