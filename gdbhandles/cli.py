@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -206,6 +207,13 @@ def _say(text: str) -> None:
         print(f"gdbhandles: {text}", file=sys.stderr)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe its reader has closed; another broken pipe (gdb's) is an error."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = commandspec.COMMANDS[args.command]
@@ -223,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             _say("interrupted" if str(exc) == "SIGINT" else f"stopped by {exc}; what it started is stopped")
         except KeyboardInterrupt:
             _say("interrupted")
-        except BrokenPipeError:                 # `| head`: the reader took what it wanted; quiet, as
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # cat's SIGPIPE death
-            return 128 + signal.SIGPIPE
         except OSError as exc:
+            if isinstance(exc, BrokenPipeError) and _stdout_closed():   # `| head`: the reader took what
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # it wanted; quiet, as
+                return 128 + signal.SIGPIPE                                      # cat's SIGPIPE death
             _say(f"{exc.filename}: {exc.strerror or exc}" if exc.filename
+                 else f"a peer closed its pipe: {exc.strerror}" if isinstance(exc, BrokenPipeError)
                  else f"cannot write the output: {exc.strerror or exc}")
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # nothing left to flush at exit
         return EXIT_ERROR

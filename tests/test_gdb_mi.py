@@ -43,6 +43,16 @@ def test_close_leaves_no_gdb_process():
     gdb.close()   # idempotent
 
 
+def test_a_command_to_a_killed_gdb_is_an_mi_error_not_a_broken_pipe():
+    """The race CI met: gdb SIGKILLed, then a write to its stdin. Said as gdb's exit, like a read
+    finding it gone (a BrokenPipeError would pass for `| head` closing our stdout)."""
+    with Gdb() as gdb:
+        os.kill(gdb.pid, 9)
+        gdb._ctrl.gdb_process.wait()            # no reader left: the write fails with EPIPE
+        with pytest.raises(MiError, match="gdb exited with status -9"):
+            gdb.send("-gdb-version")
+
+
 @pytest.mark.integration
 def test_attach_read_run_interrupt():
     with qemu() as port, Gdb() as gdb:

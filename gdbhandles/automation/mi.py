@@ -99,7 +99,11 @@ class Gdb:
         self.backlog.extend(r for r in self._unread if r.get("type") in ("notify", "exec", "status"))
         self._unread = []
         self._token += 1
-        self._ctrl.write(f"{self._token}{command}", read_response=False)
+        try:
+            self._ctrl.write(f"{self._token}{command}", read_response=False)
+        except (BrokenPipeError, ValueError):     # gdb died (or its pipe closed): as when a read finds it gone
+            proc = self._ctrl.gdb_process
+            raise MiError(f"gdb exited with status {proc.poll() if proc else None}") from None
         return self._token
 
     def result(self, token: int, timeout: float | None = None, what: str = "") -> MiResult:
