@@ -239,16 +239,15 @@ class Windows:
         except HandleError as exc:
             walk.report(WalkWarning(process.pid, process.name, str(exc)))
             return
-        pid, image = process.pid, process.name
+        pid, image, wanted, name_of = process.pid, process.name, walk.name, self._name
         for page in table.pages():
             survivors = self._survivors(process, page, walk)
             self.names.prefetch([header for _, header in survivors], objects=walk.type is not None)
             for entry, header in survivors:
-                name, problems = self._name(process, entry.handle, header, walk)
-                record = HandleRecord(pid, image, entry.handle, header.body, header.type, name,
-                                      entry.granted_access, entry.attributes, problems)
-                if walk.name is None or walk.name in (record.name or "").lower():
-                    yield record
+                name, problems = name_of(process, entry.handle, header, walk)
+                if wanted is None or wanted in (name or "").lower():
+                    yield HandleRecord(pid, image, entry.handle, header.body, header.type, name,
+                                       entry.granted_access, entry.attributes, problems)
 
     def _untyped_share(self, decoded: int, untyped: int, report) -> None:
         """One line when more than a small share of the walk's objects have no known type: then the
@@ -293,17 +292,18 @@ class Windows:
             self.headers.prefetch([e.header for e in used], fine=True)
         for problem in (p for p in page if isinstance(p, Problem)):
             walk.report(WalkWarning(process.pid, process.name, problem.message, problem.handle))
-        out = []
+        out, read, decoded, untyped = [], self.headers.read, 0, 0
         for entry in used:
             try:
-                header = self.headers.read(entry.header)
+                header = read(entry.header)
             except HandleError as exc:
                 walk.report(WalkWarning(process.pid, process.name, f"object header {entry.header:#x}: {exc}",
                                         entry.handle))
                 continue
-            walk.decoded, walk.untyped = walk.decoded + 1, walk.untyped + (header.type is None)
+            decoded, untyped = decoded + 1, untyped + (header.type is None)
             if walk.type is None or (header.type or "").lower() == walk.type:
                 out.append((entry, header))
+        walk.decoded, walk.untyped = walk.decoded + decoded, walk.untyped + untyped
         return out
 
     def _name(self, process: Process, handle: int, header: Header, walk: _Walk) -> tuple[str | None, list[str]]:
@@ -312,8 +312,9 @@ class Windows:
         problems = [header.problem] if header.problem else []
         for problem in problems:
             walk.damage(process, handle, problem, problem)
-        named = self.names.source(header) is not NameSource.NONE
-        walk.named += named
+        if self.names.source(header) is NameSource.NONE:      # most objects: nothing to read
+            return None, problems
+        walk.named += 1
         try:
             return self.names.name(header), problems
         except ProfileError as exc:
@@ -322,7 +323,7 @@ class Windows:
         except HandleError as exc:
             what = _name_problem(header, exc)
             walk.name_failure(process, handle, what, str(exc) if isinstance(exc, DamagedChain) else what)
-            if named and not isinstance(exc, DamagedChain):     # a damaged shared chain is said once
+            if not isinstance(exc, DamagedChain):     # a damaged shared chain is said once
                 kind = header.type or "object"
                 walk.unnamed[kind] = walk.unnamed.get(kind, 0) + 1
             return None, problems + [what]

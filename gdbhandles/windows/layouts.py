@@ -83,6 +83,7 @@ class Layout:
         self.source = source                  # shown by `handle info`
         self.symbols = symbols or {}          # name -> RVA; empty when unknown
         self.borrowed: dict[str, str] = {}    # "struct.field" -> version it came from
+        self.structs: dict[type, object] = {}  # structure type -> its Struct bound to this layout (Struct.of)
 
     def _own(self, struct: str, path: str) -> Field | None:
         raise NotImplementedError

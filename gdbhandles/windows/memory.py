@@ -134,15 +134,18 @@ class PhysicalMemory:
         return False
 
     def read(self, paddr: int, size: int) -> bytes:
-        self.stats.reads += 1
-        piece = paddr - paddr % FINE
-        if piece in self.pieces and paddr + size <= piece + FINE:
-            self.stats.cache_hits += 1
+        stats = self.stats
+        stats.reads += 1
+        first = paddr & -LINE
+        if paddr + size <= first + LINE:             # the common case, kept short
+            line = self.lines.get(first)
+            if line is not None:
+                stats.cache_hits += 1
+                return line[paddr - first:paddr - first + size]
+        piece = paddr & -FINE
+        if self.pieces and piece in self.pieces and paddr + size <= piece + FINE:
+            stats.cache_hits += 1
             return self.pieces[piece][paddr - piece:paddr - piece + size]
-        first = paddr - paddr % LINE
-        if paddr + size <= first + LINE and first in self.lines:      # the common case, kept short
-            self.stats.cache_hits += 1
-            return self.lines[first][paddr - first:paddr - first + size]
         last = (paddr + size - 1) - (paddr + size - 1) % LINE
         if self._ensure(list(range(first, last + 1, LINE))):
             self.stats.cache_hits += 1
@@ -167,12 +170,12 @@ class PhysicalMemory:
         """Bring many (paddr, size) ranges into the cache with few backend reads; with `most`,
         only if that takes at most `most` reads (else nothing is read)."""
         wanted = set()
+        add = wanted.add
         for paddr, size in ranges:
-            first = paddr - paddr % LINE
-            if paddr + size <= first + LINE:        # the common case: within one line
-                wanted.add(first)
-            else:
-                wanted.update(range(first, paddr + size, LINE))
+            first = paddr & -LINE
+            add(first)
+            if paddr + size > first + LINE:        # past its first line (the common case is within)
+                wanted.update(range(first + LINE, paddr + size, LINE))
         if wanted:
             self._ensure(sorted(wanted), most)
 
@@ -330,6 +333,11 @@ class AddressSpace:
         left to fail later."""
         physical, pages = [], self._pages
         for va, size in ranges:
+            offset = va & (PAGE - 1)
+            base = pages.get(va - offset)
+            if base is not None and offset + size <= PAGE:      # most: within one known page
+                physical.append((base | offset, size))
+                continue
             end = va + size
             while va < end:
                 offset = va & (PAGE - 1)

@@ -219,8 +219,12 @@ class Names:
         space = self.kernel.space
         if objects:
             self.prefetch_objects([h.header for h in headers])
-        strings = []
+        strings, decoded = [], self.decoded
+        if len(self.extents) >= MAX_DECODED:          # those of names that failed before their text
+            self.extents.clear()
         for header in headers:
+            if header.header in decoded:              # named before (another handle to it)
+                continue
             source = self.source(header)
             try:
                 if source is NameSource.NAME_INFO:

@@ -83,13 +83,6 @@ class Headers:
         self.decoded: dict[int, Header] = {}
         self._type_end: int | None = None
 
-    def real_type_index(self, header: int, stored: int) -> int:
-        """TypeIndex as stored, decoded with ObHeaderCookie on builds that have one."""
-        cookie = self.kernel.header_cookie
-        if cookie is None:
-            return stored
-        return stored ^ cookie ^ ((header >> 8) & 0xFF)
-
     def type_of_index(self, index: int) -> str | None:
         """The name of `ObTypeIndexTable[index]`; None when that slot is empty or unreadable."""
         if index not in self.types:
@@ -151,10 +144,13 @@ class Headers:
 
     def _decode(self, header: int) -> Header:
         start, size, type_index, info_mask, body_offset = self._plan
-        raw = self.kernel.space.read(header + start, size)
-        index = self.real_type_index(header, type_index(raw))
+        kernel = self.kernel
+        raw = kernel.space.read(header + start, size)
+        index = type_index(raw)
+        if kernel.header_cookie is not None:         # stored encoded with ObHeaderCookie (Win10+)
+            index ^= kernel.header_cookie ^ ((header >> 8) & 0xFF)
         body, problem, type_name = header + body_offset, None, None
-        if 2 <= index < self.type_end():
+        if 2 <= index < (self._type_end or self.type_end()):
             type_name = self.types[index] if index in self.types else self.type_of_index(index)
             if type_name is None:
                 problem = f"object {body:#x}: the type object of TypeIndex {index:#x} is unreadable: type unknown"

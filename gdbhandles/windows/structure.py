@@ -8,7 +8,6 @@ same way). `Struct.of(layout)` returns one shared instance per layout object.
 
 from __future__ import annotations
 
-import weakref
 from typing import ClassVar, TypeVar
 
 from gdbhandles.errors import ProfileError
@@ -17,7 +16,6 @@ from gdbhandles.windows.layouts import Field, Layout
 __all__ = ["Struct"]
 
 S = TypeVar("S", bound="Struct")
-_BOUND: weakref.WeakKeyDictionary[Layout, dict[type, "Struct"]] = weakref.WeakKeyDictionary()
 
 
 class Struct:
@@ -31,11 +29,10 @@ class Struct:
 
     @classmethod
     def of(cls: type[S], layout: Layout) -> S:
-        """The instance bound to `layout` (created on first use)."""
-        per_layout = _BOUND.setdefault(layout, {})
-        found = per_layout.get(cls)
+        """The instance bound to `layout` (created on first use; kept by the layout)."""
+        found = layout.structs.get(cls)
         if found is None:
-            found = per_layout[cls] = cls(layout)
+            found = layout.structs[cls] = cls(layout)
         return found  # type: ignore[return-value]
 
     def find(self, path: str) -> Field | None:
