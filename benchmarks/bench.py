@@ -57,6 +57,14 @@ end
 
 
 def offline(dump: Path) -> dict:
+    """offline_here() in a fresh interpreter: the engine's own heap only (this process holds
+    the guest's truth, whose 50,000 records the collector would walk again and again)."""
+    run = subprocess.run([sys.executable, __file__, "--offline-engine", str(dump)], capture_output=True, text=True,
+                         check=True)
+    return json.loads(run.stdout)
+
+
+def offline_here(dump: Path) -> dict:
     """The engine alone on the dump: open + full walk (wall and CPU time, the largest the line
     cache grew), then the same under cProfile. The collector is off while profiling: CPython
     3.11.2 can crash collecting under a profiler (python/cpython#101975, fixed in 3.11.3)."""
@@ -355,7 +363,11 @@ def main() -> None:
                         help="only the live stub walk and the --type Process walk (bytes, reads, time)")
     parser.add_argument("--lookups-only", action="store_true",
                         help="only the lookups: warm in one process, warm anywhere, cold (reads and times)")
+    parser.add_argument("--offline-engine", type=Path, metavar="DUMP", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.offline_engine:                   # offline(): the figures of one dump, as JSON
+        print(json.dumps(offline_here(args.offline_engine)))
+        return
     if args.lookups_only:
         results = [lookups_only(name, args.lookups, args.cold) for name in args.scenarios]
         lines: list[str] = []
