@@ -240,7 +240,7 @@ class Windows:
             walk.report(WalkWarning(process.pid, process.name, str(exc)))
             return
         pid, image, wanted, name_of = process.pid, process.name, walk.name, self._name
-        for page in table.pages():
+        for page in table.pages(used_only=True):
             survivors = self._survivors(process, page, walk)
             self.names.prefetch([header for _, header in survivors], objects=walk.type is not None)
             for entry, header in survivors:

@@ -35,6 +35,15 @@ def built_guest():
     return get
 
 
+@pytest.fixture(scope="session")
+def guest_truth(built_guest):
+    """guest_truth(profile, **built_guest's keywords) -> (guest directory, its truth.json)."""
+    def get(profile, **kw):
+        directory = built_guest(profile, **kw)
+        return directory, json.loads((directory / "truth.json").read_text())
+    return get
+
+
 @pytest.fixture
 def booted_guest():
     """booted_guest(profile, scenario, seed, guid, **booted_kwargs) -> BootedGuest; QEMU is

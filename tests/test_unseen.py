@@ -75,17 +75,9 @@ def cr3_written(image, read):
     return infer_cpu.dtb_written(disasm.traces(read, BASE + image.exports["KeStackAttachProcess"], 2))
 
 
-@pytest.fixture(scope="module")
-def guest(built_guest):
-    def get(profile, **kw):
-        directory = built_guest(profile, **kw)
-        return directory, json.loads((directory / "truth.json").read_text())
-    return get
-
-
 @pytest.mark.parametrize("profile", PROFILES)
-def test_infer_mode_equals_truth_on_every_profile(guest, profile):
-    directory, truth = guest(profile)
+def test_infer_mode_equals_truth_on_every_profile(guest_truth, profile):
+    directory, truth = guest_truth(profile)
     windows = Windows.open(DumpFile(directory / "memory.raw"), layout="infer")
     info = windows.info()
     assert info.profile.startswith("inferred")
@@ -110,8 +102,8 @@ def file_check_ran(info):
 @pytest.mark.parametrize("profile", ["7601", "9200", "9600", "10586", "14393", "17763", "19041", "22000",
                                      "22631"])
 @pytest.mark.parametrize("layout", ["auto", "infer"])
-def test_varied_code_guests_equal_truth(guest, profile, layout):
-    directory, truth = guest(profile, guid="random", code_variants="random")
+def test_varied_code_guests_equal_truth(guest_truth, profile, layout):
+    directory, truth = guest_truth(profile, guid="random", code_variants="random")
     assert truth["code_forms"]
     windows = Windows.open(DumpFile(directory / "memory.raw"), layout=layout)
     info = windows.info()
@@ -129,8 +121,8 @@ def test_varied_code_guests_equal_truth(guest, profile, layout):
     assert file_check_ran(info)
 
 
-def test_future_build_is_read_by_inference_alone(guest):
-    directory, truth = guest("future")
+def test_future_build_is_read_by_inference_alone(guest_truth):
+    directory, truth = guest_truth("future")
     assert truth["profile"]["build"] > max(p["build"] for p in layouts.shipped_profiles())
     assert layouts.for_guid(truth["profile"]["guid"], truth["profile"]["age"]) is None
     assert truth["code_forms"]                                  # its exports in varied encodings
@@ -158,8 +150,8 @@ def instruction_reading_the_cookie(windows):
     return access.at, size
 
 
-def test_cookie_found_by_trial_when_the_code_reads_none(guest, tmp_path):
-    directory, truth = guest("19041", guid="random", code_variants="random")
+def test_cookie_found_by_trial_when_the_code_reads_none(guest_truth, tmp_path):
+    directory, truth = guest_truth("19041", guid="random", code_variants="random")
     dump = directory / "memory.raw"
     at, size = instruction_reading_the_cookie(Windows.open(DumpFile(dump)))
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
@@ -171,8 +163,8 @@ def test_cookie_found_by_trial_when_the_code_reads_none(guest, tmp_path):
     check_handles(windows, truth)
 
 
-def test_a_wrong_cookie_fails_its_check_and_the_walk_says_so_once(guest, tmp_path):
-    directory, truth = guest("19041")                           # real GUID: the cookie's address is shipped
+def test_a_wrong_cookie_fails_its_check_and_the_walk_says_so_once(guest_truth, tmp_path):
+    directory, truth = guest_truth("19041")                           # real GUID: the cookie's address is shipped
     dump = directory / "memory.raw"
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
     wrong = (truth["header_cookie"] ^ 0x5A).to_bytes(1, "little")
@@ -187,8 +179,8 @@ def test_a_wrong_cookie_fails_its_check_and_the_walk_says_so_once(guest, tmp_pat
     assert "set handle profile" in warning.message and "cookie" in warning.message
 
 
-def test_cli_layout_infer(guest):
-    directory, truth = guest("9600")
+def test_cli_layout_infer(guest_truth):
+    directory, truth = guest_truth("9600")
     result = cli("walk", "--dump", str(directory / "memory.raw"), "--layout", "infer", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == short_names(truth)["handles"]     # no full image names inferred
@@ -197,8 +189,8 @@ def test_cli_layout_infer(guest):
     assert "checks       " in result.stdout and "FAILED" not in result.stdout
 
 
-def test_a_global_not_located_is_named_with_its_cost(guest, tmp_path):
-    directory, truth = guest("19041", guid="random", code_variants="random")
+def test_a_global_not_located_is_named_with_its_cost(guest_truth, tmp_path):
+    directory, truth = guest_truth("19041", guid="random", code_variants="random")
     dump = directory / "memory.raw"
     windows = Windows.open(DumpFile(dump))
     kernel = windows.kernel
@@ -254,8 +246,8 @@ def isf_moved(directory, tmp_path, struct, member, delta):
     ("_OBJECT_HEADER_NAME_INFO", "Name", {"File", "Event"}),
     ("_CM_KEY_BODY", "KeyControlBlock", {"Key"}),
     ("_CM_KEY_CONTROL_BLOCK", "NameBlock", {"Key"})])
-def test_names_that_fail_give_one_summary_line(guest, tmp_path, struct, member, types):
-    directory, truth = guest("19041", guid="random")
+def test_names_that_fail_give_one_summary_line(guest_truth, tmp_path, struct, member, types):
+    directory, truth = guest_truth("19041", guid="random")
     windows = Windows.open(DumpFile(directory / "memory.raw"), isf=isf_moved(directory, tmp_path, struct, member, 8))
     records = [r.to_json() for r in windows.walk()]
     wanted = {(h["pid"], h["handle"]): h["name"] for h in truth["handles"]}
@@ -270,12 +262,12 @@ def test_names_that_fail_give_one_summary_line(guest, tmp_path, struct, member, 
 
 
 @pytest.mark.parametrize("member, delta", [("FileName", 0x10), ("FileName", 8), ("DeviceObject", 8)])
-def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_named(guest, tmp_path,
+def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_named(guest_truth, tmp_path,
                                                                                      member, delta):
     """FileName on CurrentByteOffset (zeros: every name empty, only the device path left), on the
     Buffer pointer's bytes (ill-formed strings), DeviceObject on Vpb (no device): caught on live
     File objects, said in one line, and every File record says why its name is null."""
-    directory, truth = guest("19041", guid="random")
+    directory, truth = guest_truth("19041", guid="random")
     windows = Windows.open(DumpFile(directory / "memory.raw"),
                            isf=isf_moved(directory, tmp_path, "_FILE_OBJECT", member, delta))
     records = [r.to_json() for r in windows.walk()]
@@ -292,10 +284,10 @@ def test_a_file_object_layout_that_does_not_fit_fails_its_check_and_no_file_is_n
     assert not check[1] and check[2] in warning.message, check
 
 
-def test_an_inferred_layout_whose_file_object_does_not_fit_is_caught(guest, monkeypatch):
+def test_an_inferred_layout_whose_file_object_does_not_fit_is_caught(guest_truth, monkeypatch):
     """`future`: the _FILE_OBJECT the inference borrows from the nearest shipped layout, with
     FileName moved onto CurrentByteOffset, is caught on live data like a user's ISF is."""
-    directory, truth = guest("future")
+    directory, truth = guest_truth("future")
     nearest = infer.nearest_base
 
     def moved(build):
@@ -315,18 +307,18 @@ def test_an_inferred_layout_whose_file_object_does_not_fit_is_caught(guest, monk
     assert "_FILE_OBJECT of the layout (inferred" in warning and "set handle profile FILE" in warning
 
 
-def test_the_file_object_check_runs_only_when_the_layout_is_not_the_kernels_own(guest):
-    directory, truth = guest("19041")               # its PDB GUID is shipped: no check, no reads for it
+def test_the_file_object_check_runs_only_when_the_layout_is_not_the_kernels_own(guest_truth):
+    directory, truth = guest_truth("19041")               # its PDB GUID is shipped: no check, no reads for it
     windows = Windows.open(DumpFile(directory / "memory.raw"))
     assert not [c for c in windows.info().checks if c[0] == file_check.CHECK_NAME]
-    directory, truth = guest("19041", guid="random")        # the same build's layout, another GUID
+    directory, truth = guest_truth("19041", guid="random")        # the same build's layout, another GUID
     windows = Windows.open(DumpFile(directory / "memory.raw"))
     check_handles(windows, truth)
     assert file_check_ran(windows.info())
 
 
-def test_a_few_damaged_names_give_no_summary(guest):
-    directory, truth = guest("19041", corrupt=("name-odd",))
+def test_a_few_damaged_names_give_no_summary(guest_truth):
+    directory, truth = guest_truth("19041", corrupt=("name-odd",))
     windows = Windows.open(DumpFile(directory / "memory.raw"))
     list(windows.walk())
     assert [w for w in windows.warnings if w.message.startswith("name of ")]
@@ -349,8 +341,8 @@ def dtb_load(windows):
     return at, next(len(i.bytes) for i in disasm._engine.disasm(kernel.space.read(at, 16), at))
 
 
-def test_directory_table_base_two_ways_and_their_disagreement(guest, tmp_path):
-    directory, truth = guest("19041", guid="random", code_variants="random")
+def test_directory_table_base_two_ways_and_their_disagreement(guest_truth, tmp_path):
+    directory, truth = guest_truth("19041", guid="random", code_variants="random")
     dump = directory / "memory.raw"
     windows = Windows.open(DumpFile(dump), layout="infer")
     how = windows.info().inferred["_EPROCESS.Pcb.DirectoryTableBase"]
@@ -367,8 +359,8 @@ def test_directory_table_base_two_ways_and_their_disagreement(guest, tmp_path):
     check_processes(windows, short_names(truth))
 
 
-def test_current_thread_two_ways_on_every_vcpu(guest):
-    directory, truth = guest("future", scenario="kpti")
+def test_current_thread_two_ways_on_every_vcpu(guest_truth):
+    directory, truth = guest_truth("future", scenario="kpti")
     assert len(truth["vcpus"]) == 2
     windows = Windows.open(DumpFile(directory / "memory.raw"), vcpu_registers(truth))
     info = windows.info()
@@ -380,8 +372,8 @@ def test_current_thread_two_ways_on_every_vcpu(guest):
         assert record.object == vcpu["thread"] and record.type == "Thread"
 
 
-def test_current_thread_from_ke_get_current_thread_when_ps_get_current_process_is_gone(guest, tmp_path):
-    directory, truth = guest("future")
+def test_current_thread_from_ke_get_current_thread_when_ps_get_current_process_is_gone(guest_truth, tmp_path):
+    directory, truth = guest_truth("future")
     dump = directory / "memory.raw"
     kernel = Windows.open(DumpFile(dump)).kernel
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
@@ -398,8 +390,8 @@ def test_current_thread_from_ke_get_current_thread_when_ps_get_current_process_i
                                                           if p["pid"] == vcpu["pid"])
 
 
-def test_directory_table_base_from_shipped_layouts_when_no_code_writes_cr3(guest, tmp_path):
-    directory, truth = guest("future")
+def test_directory_table_base_from_shipped_layouts_when_no_code_writes_cr3(guest_truth, tmp_path):
+    directory, truth = guest_truth("future")
     dump = directory / "memory.raw"
     kernel = Windows.open(DumpFile(dump)).kernel
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
@@ -412,8 +404,8 @@ def test_directory_table_base_from_shipped_layouts_when_no_code_writes_cr3(guest
     check_processes(windows, short_names(truth))
 
 
-def test_a_wrong_current_thread_read_is_caught_by_the_kpcrs(guest, tmp_path):
-    directory, truth = guest("future", scenario="kpti")
+def test_a_wrong_current_thread_read_is_caught_by_the_kpcrs(guest_truth, tmp_path):
+    directory, truth = guest_truth("future", scenario="kpti")
     dump = directory / "memory.raw"
     kernel = Windows.open(DumpFile(dump)).kernel
     space = AddressSpace(PhysicalMemory(DumpFile(dump)), truth["kernel_dtb"])
@@ -430,8 +422,8 @@ def test_a_wrong_current_thread_read_is_caught_by_the_kpcrs(guest, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["process-loop", "process-dangling"])
-def test_inference_survives_a_damaged_process_list(guest, kind):
-    directory, truth = guest("19041", corrupt=(kind,))
+def test_inference_survives_a_damaged_process_list(guest_truth, kind):
+    directory, truth = guest_truth("19041", corrupt=(kind,))
     windows = Windows.open(DumpFile(directory / "memory.raw"), vcpu_registers(truth), layout="infer")
     info = windows.info()
     failed = [name for name, passed, _ in info.checks if not passed]

@@ -14,7 +14,6 @@ from gdbhandles.windows import infer, infer_keys, layouts
 from gdbhandles.windows.memory import AddressSpace, DumpFile, PhysicalMemory, UnreadablePage
 
 from test_engine_guests import check_handles, patched_copy, short_names
-from test_unseen import guest  # noqa: F401 - the fixture: (guest directory, truth)
 from winguest.guest import BLOB_BASE, LOW_STUB, build
 from winguest.kernel_image import build_kernel_image
 from winguest.profiles import FUTURE, Layout, all_profiles, future_profile
@@ -111,8 +110,8 @@ def parent_loads(windows):
     return out
 
 
-def test_a_patched_parent_load_is_caught_and_live_data_wins(guest, tmp_path):
-    directory, truth = guest("19041", guid="random", code_variants="random")
+def test_a_patched_parent_load_is_caught_and_live_data_wins(guest_truth, tmp_path):
+    directory, truth = guest_truth("19041", guid="random", code_variants="random")
     dump = directory / "memory.raw"
     loads = parent_loads(Windows.open(DumpFile(dump), layout="infer"))
     assert loads and {disp for _, disp in loads} == {0x48}
@@ -150,8 +149,8 @@ def without_registry(directory, truth, tmp_path, export=False):
     return patched_copy(dump, tmp_path / "noregistry.raw", patches)
 
 
-def test_the_code_pair_is_used_and_said_so_when_no_key_chains_to_registry(guest, tmp_path):
-    directory, truth = guest("future")
+def test_the_code_pair_is_used_and_said_so_when_no_key_chains_to_registry(guest_truth, tmp_path):
+    directory, truth = guest_truth("future")
     windows = Windows.open(DumpFile(without_registry(directory, truth, tmp_path)))
     info = windows.info()
     for field, offset in zip((PARENT, NAME_BLOCK), (0x58, 0x60)):
@@ -164,8 +163,8 @@ def test_the_code_pair_is_used_and_said_so_when_no_key_chains_to_registry(guest,
     assert keys and all(r["name"] is None and "do not chain up to the root" in r["problems"][0] for r in keys)
 
 
-def test_the_shipped_pair_is_used_and_said_so_when_neither_way_works(guest, tmp_path):
-    directory, truth = guest("future")
+def test_the_shipped_pair_is_used_and_said_so_when_neither_way_works(guest_truth, tmp_path):
+    directory, truth = guest_truth("future")
     info = Windows.open(DumpFile(without_registry(directory, truth, tmp_path, export=True))).info()
     for field in (PARENT, NAME_BLOCK):
         how = info.inferred[field]

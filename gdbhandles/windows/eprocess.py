@@ -18,7 +18,7 @@ from gdbhandles.windows.memory import AddressSpace
 from gdbhandles.windows.structure import Struct
 from gdbhandles.windows.unicode_string import UnicodeString
 
-__all__ = ["EProcess", "Process", "read_process", "image_path", "active_processes", "MAX_PROCESSES"]
+__all__ = ["EProcess", "Process", "read_process", "image_path", "active_processes", "linked", "MAX_PROCESSES"]
 
 MAX_PROCESSES = 1 << 16
 FIXED = ("UniqueProcessId", "ActiveProcessLinks", "ObjectTable", "ImageFileName", "Pcb.DirectoryTableBase")
@@ -136,6 +136,26 @@ def active_processes(kernel: Kernel) -> tuple[list[Process], list[tuple[Process 
 
 
 FLINK, BLINK = 0, 8
+
+
+def linked(kernel: Kernel, most: int = MAX_PROCESSES):
+    """EPROCESS addresses on PsActiveProcessHead by Flink alone, lazily, in list order: at most
+    `most`, until the head, a link met before, or one whose own Flink is unreadable (the process
+    list check says where). For discovery and checks that sample processes; active_processes()
+    reads and checks them."""
+    head = kernel.globals.get("PsActiveProcessHead")
+    if not head:
+        return
+    links, space, seen = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks"), kernel.space, set()
+    try:
+        entry = space.u64(head)
+        while entry != head and entry not in seen and len(seen) < most:
+            following = space.u64(entry)
+            seen.add(entry)
+            yield entry - links
+            entry = following
+    except HandleError:
+        return
 
 
 def _follow(kernel: Kernel, head: int, links: int, way: int, known: set[int]):

@@ -14,6 +14,7 @@ invariant may be damage, so up to one in DAMAGED_SHARE may; more means the layou
 from __future__ import annotations
 
 from gdbhandles.errors import HandleError
+from gdbhandles.windows.eprocess import linked
 from gdbhandles.windows.file_object import FileObject
 from gdbhandles.windows.handle_table import Entry, HandleTable
 from gdbhandles.windows.kernel import Check, Kernel
@@ -107,22 +108,14 @@ def _files(headers: Headers, page: list, wanted: int) -> list[int]:
 def _tables(kernel: Kernel):
     """The kernel handle table, then up to MAX_TABLES - 1 processes' ObjectTables."""
     yield kernel.kernel_table
-    head = kernel.globals.get("PsActiveProcessHead")
-    if not head:
-        return
-    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
     table = kernel.layout.field("_EPROCESS", "ObjectTable")
-    try:
-        entry = kernel.space.u64(head)
-        for _ in range(MAX_TABLES - 1):
-            if entry == head:
-                return
-            found = table.read(kernel.space.read, entry - links)
-            if found and found != kernel.kernel_table:
-                yield found
-            entry = kernel.space.u64(entry)
-    except HandleError:
-        return                      # a broken process list: the process list check says where
+    for eprocess in linked(kernel, MAX_TABLES - 1):
+        try:
+            found = table.read(kernel.space.read, eprocess)
+        except HandleError:
+            continue
+        if found and found != kernel.kernel_table:
+            yield found
 
 
 def _violations(kernel: Kernel, headers: Headers, body: int) -> tuple[str, bool]:

@@ -100,9 +100,11 @@ class HandleTableEntry(Struct):
             return at("ObjectPointerBits"), at("GrantedAccessBits"), at("Attributes")
         return at("Object"), at("GrantedAccess")
 
-    def decode_page(self, raw: bytes, first: int, page: int) -> list[Entry]:
+    def decode_page(self, raw: bytes, first: int, page: int, used_only: bool = False) -> list[Entry]:
         """The Entries of a low-level page at `page` whose slot 0 is entry `first`, from slot 1
-        to the end of `raw` (the walk's hot loop: one unpack per entry, no per-field calls)."""
+        to the end of `raw`; with `used_only`, only those that hold an object (a walk: most slots
+        of a table can be free, as in `huge`: 718,000 free for 283,000 in use). The walk's hot loop:
+        one unpack per entry, no per-field calls."""
         out, handle, address = [], (first + 1) * HANDLE_STEP, page + ENTRY_SIZE
         if self.form is EntryForm.BITFIELDS:
             (ps, pm), (gs, gm), (ats, am) = self._plan
@@ -110,18 +112,22 @@ class HandleTableEntry(Struct):
             for lo, hi in struct.iter_unpack("<QQ", raw[ENTRY_SIZE:]):
                 entry = lo | hi << 64
                 bits = (entry >> ps) & pm
-                out.append(Entry(handle, address, (((bits ^ top) - top) << 4) & MASK64, (entry >> gs) & gm,
-                                 (entry >> ats) & am, False) if bits
-                           else Entry(handle, address, None, 0, 0, not entry))
+                if bits:
+                    out.append(Entry(handle, address, (((bits ^ top) - top) << 4) & MASK64, (entry >> gs) & gm,
+                                     (entry >> ats) & am, False))
+                elif not used_only:
+                    out.append(Entry(handle, address, None, 0, 0, not entry))
                 handle, address = handle + HANDLE_STEP, address + ENTRY_SIZE
             return out
         (os_, om), (gs, gm) = self._plan
         for lo, hi in struct.iter_unpack("<QQ", raw[ENTRY_SIZE:]):
             entry = lo | hi << 64
             value, granted = (entry >> os_) & om, (entry >> gs) & gm
-            attributes = (value & 6) | (ATTRIBUTE_PROTECT_CLOSE if granted & PROTECT_CLOSE_BIT else 0)
-            out.append(Entry(handle, address, value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes, False) if value
-                       else Entry(handle, address, None, 0, 0, not entry))
+            if value:
+                attributes = (value & 6) | (ATTRIBUTE_PROTECT_CLOSE if granted & PROTECT_CLOSE_BIT else 0)
+                out.append(Entry(handle, address, value & ~0xF, granted & ~PROTECT_CLOSE_BIT, attributes, False))
+            elif not used_only:
+                out.append(Entry(handle, address, None, 0, 0, not entry))
             handle, address = handle + HANDLE_STEP, address + ENTRY_SIZE
         return out
 
@@ -220,16 +226,16 @@ class HandleTable:
                 yield ((j * MID_COUNT + k) * LOW_COUNT, page,
                        [TableStep(2, self.top, j), TableStep(1, mid, k), TableStep(0, page, 0)])
 
-    def pages(self):
-        """Yield, per usable low-level page in range, its Entries (first slot skipped); then
-        one list of Problems for the damage met, if any."""
+    def pages(self, used_only: bool = False):
+        """Yield, per usable low-level page in range, its Entries (first slot skipped; only those
+        holding an object if `used_only`); then one list of Problems for the damage met, if any."""
         damage = self._damage()
         for first, page, path in self.low_pages(damage):
             count = min(LOW_COUNT, self.slots - first)
             raw = self._low_page(first, page, path, count, damage)
             if raw is None:
                 continue
-            yield self.format.decode_page(raw, first, page)
+            yield self.format.decode_page(raw, first, page, used_only)
         problems = damage.report()
         if problems:
             yield problems

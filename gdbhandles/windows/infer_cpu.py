@@ -15,6 +15,7 @@ from __future__ import annotations
 from gdbhandles.errors import HandleError
 from gdbhandles.windows import disasm, layouts
 from gdbhandles.windows.infer import InferredLayout, agree, exported_code, qwords
+from gdbhandles.windows.eprocess import linked
 from gdbhandles.windows.kernel import Kernel
 from gdbhandles.windows.kpcr import vcpu_kpcr
 from gdbhandles.windows.memory import PFN_MASK
@@ -56,23 +57,6 @@ def dtb_first_way(kernel: Kernel) -> tuple[int, str] | None:
     return None
 
 
-def _listed(kernel: Kernel) -> list[int]:
-    """The EPROCESS addresses on PsActiveProcessHead (at most MAX_PROCESSES; up to a broken link:
-    the process list check says where)."""
-    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
-    head = kernel.globals["PsActiveProcessHead"]
-    out, entry = [], head
-    try:
-        entry = kernel.space.u64(head)
-        while entry != head and entry - links not in out and len(out) < MAX_PROCESSES:
-            out.append(entry - links)
-            entry = kernel.space.u64(entry)
-    except HandleError:
-        if out:
-            out.pop()                   # its link pointed nowhere: not taken for a process
-    return out
-
-
 def _words(kernel: Kernel, addresses: list[int], size: int) -> list[list[int]]:
     """`size` bytes of each readable structure among `addresses`, as qwords."""
     out = []
@@ -89,7 +73,7 @@ def _dtb_live(kernel: Kernel, first: int | None) -> tuple[int, str] | None:
     root mapping the kernel image as the kernel's page tables do (of several, `first` if it is one)."""
     slot = 8 * ((kernel.base >> 39) & 511)
     want = kernel.phys.read(kernel.space.dtb + slot, 8)
-    processes = [kernel.system_process] + [p for p in _listed(kernel) if p != kernel.system_process]
+    processes = [kernel.system_process] + [p for p in linked(kernel, MAX_PROCESSES) if p != kernel.system_process]
 
     def maps(value: int) -> bool:
         try:
@@ -133,7 +117,7 @@ def _current_thread_live(kernel: Kernel, registers: list[dict], code: int | None
     """The KPCR slot that, on every vCPU, points to a thread whose ApcState.Process is listed (the
     idle thread's slot may too: then the code's slot when it is one of them, else the first)."""
     apc = kernel.layout.offset("_KTHREAD", "ApcState.Process")
-    listed = set(_listed(kernel)) | {kernel.system_process}
+    listed = set(linked(kernel, MAX_PROCESSES)) | {kernel.system_process}
     kpcrs = _words(kernel, [k for k in (vcpu_kpcr(r) for r in registers) if k is not None], KPCR_SCAN)
     found = None
     for words in kpcrs:

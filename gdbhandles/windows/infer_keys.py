@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gdbhandles.errors import HandleError
 from gdbhandles.windows import disasm, layouts, object_types
+from gdbhandles.windows.eprocess import linked
 from gdbhandles.windows.handle_table import HandleTable
 from gdbhandles.windows.infer import InferredLayout, agree, qwords
 from gdbhandles.windows.kernel import Check, Kernel
@@ -116,19 +117,17 @@ def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     """Bodies of Key objects from the processes' handle tables (types decoded with the cookie)."""
     types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
     body_offset = kernel.layout.offset("_OBJECT_HEADER", "Body")
-    links = kernel.layout.offset("_EPROCESS", "ActiveProcessLinks")
-    table_offset = kernel.layout.offset("_EPROCESS", "ObjectTable")
-    head, bodies = kernel.globals["PsActiveProcessHead"], []
-    entry, count = kernel.space.u64(head), 0
-    while entry != head and count < 4096 and len(bodies) < limit:
-        table = kernel.space.u64(entry - links + table_offset)
+    table_offset, bodies = kernel.layout.offset("_EPROCESS", "ObjectTable"), []
+    for eprocess in linked(kernel):
+        table = kernel.space.u64(eprocess + table_offset)
         if table:
             for item in HandleTable(kernel.space, kernel.layout, table).entries():
                 header = getattr(item, "header", None)
                 if header and object_types.decoded_type(kernel, types, header + body_offset,
                                                         kernel.header_cookie) == "Key":
                     bodies.append(header + body_offset)
-        entry, count = kernel.space.u64(entry), count + 1
+        if len(bodies) >= limit:
+            break
     return bodies[:limit]
 
 
