@@ -83,9 +83,10 @@ def open_dump(args: argparse.Namespace, progress=None):
 
 def run_query(command: Command, args: argparse.Namespace) -> None:
     shown = frame()
-    windows = open_dump(args, shown.progress)
-    output = command.query(windows, args, shown)
-    commandspec.deliver(output, args, sys.stdout.write, sys.stderr.write)
+    with commandspec.collector_paused():
+        windows = open_dump(args, shown.progress)
+        output = command.query(windows, args, shown)
+        commandspec.deliver(output, args, sys.stdout.write, sys.stderr.write)
 
 
 # --- scripted runs against QEMU (automation/runner.py, regress.py) ---------------------------------

@@ -14,7 +14,9 @@ so that one file answers "which commands exist, with which arguments".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
+import gc
 import os
 import re
 import tempfile
@@ -199,6 +201,21 @@ class Output:
     summary: str | None = None           # after the output; goes to stderr when the output is JSON
     records: list = field(default_factory=list)
     note: str | None = None              # before the output (which process was chosen); stderr with JSON
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cycle collector off while one command runs. A walk makes a million short-lived
+    tuples and records, none in a cycle (reference counts free them), and every collection they
+    trigger traverses the host's whole heap: in gdb a fast-path walk of `huge` took 3.7 s with
+    it, 2.9 s without. It runs again as before once the command is done."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def write_atomically(path: str, text: str | Iterable[str]) -> int:

@@ -181,3 +181,19 @@ def test_progress_and_warning_lines_are_escaped():
     warning = WalkWarning(672, "ls\x1b[2J\u202e", "entry \r\nbroken", 0x1c)
     assert render.warning_line(warning) == "warning: ls\\e[2J\\u202e(672) handle 0x1c: entry \\r\\nbroken"
     render.Progress(None)("nothing is written without a sink")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_for_a_command_and_left_as_it_was(enabled):
+    """A command runs without the cycle collector (a walk's million tuples would make it walk gdb's
+    heap again and again); afterwards it is on or off as the host had it, also after an error."""
+    import gc
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.raises(KeyError):
+            with commandspec.collector_paused():
+                assert not gc.isenabled()
+                raise KeyError("a command failed")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()

@@ -159,12 +159,13 @@ def run(command: Command, args: argparse.Namespace) -> None:
     if command.query is None:
         BODIES[command.name](args)
         return
-    with session.open() as windows:
-        output = command.query(windows, args, frame(args))
-    if command.name == "info" and not args.json:
-        output.text += "\n" + session.memory_text()
-    side, _ = side_streams(args)
-    commandspec.deliver(output, args, gdb.write, side or (lambda text: None))
+    with commandspec.collector_paused():
+        with session.open() as windows:
+            output = command.query(windows, args, frame(args))
+        if command.name == "info" and not args.json:
+            output.text += "\n" + session.memory_text()
+        side, _ = side_streams(args)
+        commandspec.deliver(output, args, gdb.write, side or (lambda text: None))
 
 
 class _GdbSubcommand(gdb.Command):
