@@ -144,26 +144,27 @@ def _kernel_at(space: AddressSpace, base: int) -> pe.PeImage | None:
 
 
 def _scan_down(space: AddressSpace, start: int) -> tuple[int, pe.PeImage] | None:
-    """The kernel image containing `start`: 2 MiB-aligned bases first, then every page."""
-    top = start & ~(PAGE - 1)
-    large = [a for a in range(top & ~(LARGE - 1), top - SCAN_DOWN, -LARGE)]
-    pages = range(top, top - SCAN_DOWN, -PAGE)
-    for candidates in (large, pages):
+    """The kernel image containing `start` (2 MiB-aligned bases first, then every page), else the
+    one found below it: a start block's entry can lie past the image (the test guests' does)."""
+    top, below = start & ~(PAGE - 1), None
+    for candidates in (range(top & ~(LARGE - 1), top - SCAN_DOWN, -LARGE), range(top, top - SCAN_DOWN, -PAGE)):
         for base in candidates:
             image = _kernel_with_mz(space, base)
             if image is not None and base <= start < base + image.size_of_image:
                 return base, image
+            below = below or (image and (base, image))
+        if below:
+            return below
     return None
 
 
 def _kernel_with_mz(space: AddressSpace, base: int) -> pe.PeImage | None:
     """_kernel_at, after the cheap check for an MZ at `base`."""
     try:
-        if space.read(base, 2) != b"MZ":
-            return None
+        mz = space.read(base, 2) == b"MZ"
     except HandleError:
         return None
-    return _kernel_at(space, base)
+    return _kernel_at(space, base) if mz else None
 
 
 def _hints(space: AddressSpace, registers: list[dict], stub) -> list[tuple[int, str]]:
