@@ -283,9 +283,9 @@ class Windows:
                                             "CLI: --profile FILE)"))
 
     def _survivors(self, process: Process, page: list, walk: _Walk) -> list[tuple[Entry, Header]]:
-        """The page's in-use entries whose object header is readable and of the wanted type."""
-        used = [e for e in page if isinstance(e, Entry) and e.header is not None
-                and (walk.header is None or e.header == walk.header)]
+        """The page's entries (pages(used_only=True): each holds an object) whose object header is
+        readable and of the wanted type."""
+        used = [e for e in page if isinstance(e, Entry) and (walk.header is None or e.header == walk.header)]
         if walk.type is None:         # every object will be named: bring all that is read at once
             self.names.prefetch_objects([e.header for e in used])
         else:

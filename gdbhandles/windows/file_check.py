@@ -80,7 +80,7 @@ def sample(kernel: Kernel, headers: Headers) -> list[int]:
     out: list[int] = []
     for table in _tables(kernel):
         try:
-            pages = HandleTable(kernel.space, kernel.layout, table).pages()
+            pages = HandleTable(kernel.space, kernel.layout, table).pages(used_only=True)
             for _, page in zip(range(SCAN_PAGES), pages):
                 out += _files(headers, page, SAMPLE - len(out))
                 if len(out) >= SAMPLE:
@@ -95,7 +95,7 @@ def _files(headers: Headers, page: list, wanted: int) -> list[int]:
     for entry in page:
         if len(out) >= wanted:
             break
-        if isinstance(entry, Entry) and entry.header is not None:
+        if isinstance(entry, Entry):
             try:
                 header = headers.read(entry.header)
             except HandleError:

@@ -68,12 +68,13 @@ def key_path(space: AddressSpace, layout, body: int, known: dict[int, str | None
     kcb = KeyBody.of(layout).control_block(space, body)
     known = {} if known is None else known
     chain: list[tuple[int, str | None]] = []
+    seen: set[int] = set()
     prefix: str | None = None
     while kcb:
         if kcb in known:
             prefix = known[kcb]
             break
-        if any(kcb == met for met, _ in chain):
+        if kcb in seen:
             raise DamagedChain(f"key control block {kcb:#x} is its own ancestor (the ParentKcb chain loops)")
         if len(chain) >= MAX_KEY_DEPTH:
             raise DamagedChain(f"key control block {kcb:#x} is more than {MAX_KEY_DEPTH} ParentKcb links deep")
@@ -81,6 +82,7 @@ def key_path(space: AddressSpace, layout, body: int, known: dict[int, str | None
         space.prefetch([(block, names.offset("Name") + NAME_HEAD)] * bool(block) +
                        [(parent, kcbs.links_end())] * bool(parent and parent not in known))
         chain.append((kcb, names.name(space, block) if block else None))
+        seen.add(kcb)
         kcb = parent
     for met, name in reversed(chain):
         if name is not None:
