@@ -174,6 +174,7 @@ def _follow(kernel: Kernel, head: int, links: int, way: int, known: set[int]):
                 return out, []
             if entry in seen:
                 return out, [(before, f"process list: {where} goes back to {entry:#x}: the list loops")]
+            space.prefetch([fixed_extent(kernel, entry - links)])     # its links with its fields: one read
             if space.u64(entry + back) != here:
                 return out, [(before, f"process list: {where} points to {entry:#x}, which does not link back")]
             process = read_process(kernel, entry - links)
