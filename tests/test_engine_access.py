@@ -45,13 +45,15 @@ def test_handle_json_is_the_truth_shape():
     assert item["object"] == 0xFFFF9E0D12345670 and item["name"] == "\\REGISTRY\\MACHINE"
 
 
-@pytest.mark.parametrize("count", [0, 1, 3])
+@pytest.mark.parametrize("count", [0, 1, 4])
 def test_handle_json_is_json_dumps_of_the_records_text_for_text(count):
     """The walk's JSON is written record by record (huge walks); its text stays exactly what
-    json.dumps(indent=1) gives, with hostile and non-ASCII names and damaged records."""
+    json.dumps(indent=1) gives, with hostile and non-ASCII names, damaged records and a record
+    not holding an int where one belongs (the template's %d would refuse it)."""
     records = [HandleRecord(4, "Sys\ntem\u202e\x00", 8, 1 << 63, "Key", '\\R"x\u1234\U0001f600', 3, 2, ["a\nb", "c"]),
                HandleRecord(5, "x", 12, 5, None, None, 0, 0),
-               HandleRecord(6, "\u00e9", 16, 7, "Token", "\ud800", 0x1F0003, 1)][:count]
+               HandleRecord(6, "\u00e9", 16, 7, "Token", "\ud800", 0x1F0003, 1),
+               HandleRecord(7, "y", 20, None, "File", "n", 1, 0)][:count]
     assert render.handles_json(records) == json.dumps([r.to_json() for r in records], indent=1) + "\n"
 
 
