@@ -26,7 +26,12 @@ __all__ = ["NameSource", "Names", "MAX_DIRECTORY_DEPTH"]
 
 MAX_DIRECTORY_DEPTH = 16
 REGISTRY_ROOT = "\\REGISTRY"    # the name of the root key control block on every build
-NAME_REACH = 0x40           # bytes before a header: every optional header that can hold a name
+# bytes before a header read with it: the name info (0x20 on x64) of an object without creator info,
+# the usual case (creator info is kept for few types unless FLG_MAINTAIN_OBJECT_TYPELIST is set);
+# with it, the name info lies 0x20 further back and is read when the name is. Any reach back risks
+# the line before; on big, whose headers often sit 0x30 into a line, a 0x40 reach made the walk
+# 3,222 reads instead of 2,746
+NAME_REACH = 0x20
 BODY_REACH = 0x80           # bytes of the body the per-type rules read (FILE_OBJECT.FileName …)
 
 
