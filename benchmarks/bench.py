@@ -73,9 +73,12 @@ def median_run(runs: list[dict], key: str = "seconds") -> dict:
 def offline(dump: Path) -> dict:
     """offline_here() in a fresh interpreter, REPEATS times, the median: the engine's own heap
     only (this process holds the guest's truth, whose 50,000 records the collector would walk
-    again and again). The dump is read through once first, so that each run times the engine,
-    not the disk (the host reclaims page cache; volatility3, run after, meets a warm one too)."""
+    again and again). The dump is flushed to disk and read through once first, so that each run
+    times the engine, not the disk: the writeback of the fresh pmemsave competed with the first
+    runs for the two cores (big's runs 0.34 to 0.55 s, where they are 0.31 to 0.36 s on a quiet
+    machine), and the host reclaims page cache (volatility3, run after, meets a warm one too)."""
     with open(dump, "rb") as handle:
+        os.fsync(handle.fileno())
         while handle.read(1 << 24):
             pass
     return median_run([json.loads(subprocess.run([sys.executable, __file__, "--offline-engine", str(dump)],
