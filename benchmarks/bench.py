@@ -57,9 +57,8 @@ end
 """
 
 
-REPEATS = 5       # our walks are timed this many times and the median kept (volatility3: once): with
-                  # three, two slow seconds of the shared host made big's offline median 0.43 s
-                  # where its runs are 0.33 to 0.36 s
+REPEATS = 5       # our walks are timed this many times and the median kept (volatility3: once): a
+                  # walk of a second or less is swayed by what the shared host does that second
 
 
 def median_run(runs: list[dict], key: str = "seconds") -> dict:
