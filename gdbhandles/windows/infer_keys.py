@@ -28,6 +28,7 @@ WALK_DEPTH = 2                  # export -> CmpConstructNameWithStatus -> ...Fro
 MAX_CALLEES = 4                 # callees handed the control block, per level
 KCB_SCAN = 0x200
 MAX_KEY_DEPTH = 64
+KEY_PROCESSES = 4096            # processes whose handle tables are searched for Key objects
 
 Way = tuple[int, str]           # (offset, how it was found)
 
@@ -118,7 +119,7 @@ def _key_bodies(kernel: Kernel, limit: int = 24) -> list[int]:
     types = object_types.read_table(kernel, kernel.globals["ObTypeIndexTable"])
     body_offset = kernel.layout.offset("_OBJECT_HEADER", "Body")
     table_offset, bodies = kernel.layout.offset("_EPROCESS", "ObjectTable"), []
-    for eprocess in linked(kernel):
+    for eprocess in linked(kernel, KEY_PROCESSES):
         table = kernel.space.u64(eprocess + table_offset)
         if table:
             for item in HandleTable(kernel.space, kernel.layout, table).entries():
